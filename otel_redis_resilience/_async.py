@@ -1,0 +1,146 @@
+"""The asyncio driver and handle: I/O and sleeping only; every decision is in ``_engine``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio
+
+from ._context import CURRENT_ATTEMPT, Attempt
+from ._engine import RERAISE, Core, Operation
+from ._safety import command_name
+from ._scope import RequestScope
+
+T = TypeVar("T")
+_monotonic = time.monotonic
+
+
+async def run_async(op: Operation, call: Callable[[], Awaitable[T]]) -> T:
+    """Run ``call`` as the attempts of ``op``; never blocks the event loop."""
+    timeout = op.start(_monotonic())
+    while True:
+        attempt = Attempt(None)
+        token = CURRENT_ATTEMPT.set(attempt)
+        try:
+            if timeout is None:
+                result = await call()
+            else:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation (CPython gh-86296). Cancelling mid-read makes
+                # redis-py drop the connection, so no reply is left in flight.
+                async with asyncio.timeout(timeout):
+                    result = await call()
+        except BaseException as exc:
+            CURRENT_ATTEMPT.reset(token)
+            delay = op.failed(exc, attempt.sent, _monotonic())
+            if delay == RERAISE:
+                raise
+            if delay > 0:
+                await asyncio.sleep(delay)
+            timeout = op.next_attempt(_monotonic(), exc)
+            continue
+        CURRENT_ATTEMPT.reset(token)
+        op.succeeded(_monotonic())
+        return result
+
+
+class AsyncHandle(redis.asyncio.Redis):
+    """The request-scoped resilient handle for an asyncio client.
+
+    Every redis-py command coroutine is there with its usual signature and
+    return type, routed through the breaker, the retries and the request's
+    deadline. It shares the client's connection pool; closing it closes nothing.
+    """
+
+    _orr_core: Core
+    _orr_scope: RequestScope | None
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        base = super().execute_command
+        op = Operation(self._orr_core, self._orr_scope, command_name(args), args)
+        return await run_async(op, lambda: base(*args, **options))
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipe: Any = super().pipeline(transaction, shard_hint)  # type: ignore[no-untyped-call]
+        pipe.__class__ = _pipeline_class(type(pipe))
+        pipe._orr_core = self._orr_core
+        pipe._orr_scope = self._orr_scope
+        return pipe
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Does nothing: the handle does not own the client or its pool."""
+
+    async def close(self, close_connection_pool: bool | None = None) -> None:
+        """Does nothing: the handle does not own the client or its pool."""
+
+    def __del__(self, *args: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} for {self._orr_core.endpoint}>"
+
+
+class AsyncPipelineHooks:
+    """Mixed in front of redis-py's asyncio ``Pipeline``: one operation per ``execute()``."""
+
+    _orr_core: Core
+    _orr_scope: RequestScope | None
+    command_stack: list[tuple[Sequence[Any], Any]]
+    is_transaction: bool
+    explicit_transaction: bool
+    watching: bool
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        stack = self.command_stack
+        if not stack and not self.watching:
+            return []
+        snapshot = list(stack)
+        transaction = bool(self.is_transaction or self.explicit_transaction)
+        base = super().execute  # type: ignore[misc]
+
+        async def call() -> list[Any]:
+            self.command_stack = list(snapshot)
+            return await base(raise_on_error)  # type: ignore[no-any-return]
+
+        op = Operation(
+            self._orr_core,
+            self._orr_scope,
+            "MULTI" if transaction else "PIPELINE",
+            (),
+            pipeline=snapshot,
+            transaction=transaction,
+            retryable=not self.watching,
+        )
+        return await run_async(op, call)
+
+    async def immediate_execute_command(self, *args: Any, **options: Any) -> Any:
+        base = super().immediate_execute_command  # type: ignore[misc]
+        op = Operation(self._orr_core, self._orr_scope, command_name(args), args, retryable=False)
+        return await run_async(op, lambda: base(*args, **options))
+
+
+_pipeline_classes: dict[type, type] = {}
+
+
+def _pipeline_class(cls: type) -> type:
+    found = _pipeline_classes.get(cls)
+    if found is None:
+        found = type(f"Resilient{cls.__name__}", (AsyncPipelineHooks, cls), {"__module__": __name__})
+        _pipeline_classes[cls] = found
+    return found
+
+
+_handle_classes: dict[type, type] = {}
+
+
+def handle_class(client_cls: type) -> type:
+    if client_cls is redis.asyncio.Redis:
+        return AsyncHandle
+    found = _handle_classes.get(client_cls)
+    if found is None:
+        found = type(f"Resilient{client_cls.__name__}", (AsyncHandle, client_cls), {"__module__": __name__})
+        _handle_classes[client_cls] = found
+    return found

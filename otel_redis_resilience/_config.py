@@ -1,0 +1,175 @@
+"""Policies: immutable, validated at construction."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ._errors import ConfigurationError
+
+
+def _positive(owner: str, name: str, value: float, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ConfigurationError(f"{owner}.{name} must be a number, got {value!r}")
+    if math.isinf(value):
+        raise ConfigurationError(f"{owner}.{name} must be finite, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigurationError(f"{owner}.{name} must be {bound}, got {value!r}")
+
+
+def _int_at_least(owner: str, name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{owner}.{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ConfigurationError(f"{owner}.{name} must be >= {low}, got {value!r}")
+
+
+def _fraction(owner: str, name: str, value: float, *, allow_zero: bool) -> None:
+    _positive(owner, name, value, allow_zero=allow_zero)
+    if value > 1:
+        raise ConfigurationError(f"{owner}.{name} must be a fraction in (0, 1], got {value!r}")
+
+
+def _normalise_commands(value: Iterable[str]) -> frozenset[str]:
+    if isinstance(value, str | bytes):
+        raise ConfigurationError(
+            "RetryPolicy.idempotent_commands must be a collection of command names, not a single string"
+        )
+    out = set()
+    for name in value:
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigurationError(f"RetryPolicy.idempotent_commands has an invalid entry {name!r}")
+        out.add(" ".join(name.split()).upper())
+    return frozenset(out)
+
+
+def _normalise_scripts(value: Iterable[str | bytes]) -> frozenset[str]:
+    if isinstance(value, str | bytes):
+        raise ConfigurationError(
+            "RetryPolicy.idempotent_scripts must be a collection of scripts or SHA1 digests, not a single one"
+        )
+    out = set()
+    for script in value:
+        if isinstance(script, bytes):
+            script = script.decode()
+        if not isinstance(script, str) or not script:
+            raise ConfigurationError(f"RetryPolicy.idempotent_scripts has an invalid entry {script!r}")
+        is_sha = len(script) == 40 and all(c in "0123456789abcdefABCDEF" for c in script)
+        # Scripts are declared by source or by digest; EVALSHA carries only the digest.
+        out.add(script.lower() if is_sha else hashlib.sha1(script.encode()).hexdigest())
+    return frozenset(out)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How failed attempts are retried.
+
+    Args:
+        max_attempts: Total attempts per operation, the first one included.
+            ``1`` turns retries off. The wrapped client's own retries are
+            switched off, so this is exactly the number of times a command can
+            reach the server.
+        backoff_base: Upper bound of the first backoff, in seconds. Backoff is
+            exponential with full jitter: the n-th retry sleeps a uniformly
+            random time in ``[0, min(backoff_cap, backoff_base * 2**(n-1))]``.
+        backoff_cap: Upper bound of any one backoff, in seconds.
+        budget_ratio: Retries allowed, as a fraction of operations started in
+            the last ``budget_window`` seconds (process-wide, per ``Resilience``).
+        budget_min_per_second: A floor of retries per second always allowed, so
+            a quiet process can still retry.
+        budget_window: Seconds of history the retry budget looks at.
+        attempt_timeout: Seconds one attempt may take (connect, handshake, send
+            and reply together), or ``None`` to rely on the client's
+            ``socket_timeout`` alone. Always further capped by the request's
+            deadline. Blocking commands (``BLPOP 5``...) get their block time
+            on top.
+        idempotent_commands: Extra command names that are safe to send twice
+            (added to the built-in table).
+        idempotent_scripts: Lua scripts (source or SHA1) that are safe to run
+            twice, so ``EVAL``/``EVALSHA`` of them may be retried.
+    """
+
+    max_attempts: int = 3
+    backoff_base: float = 0.025
+    backoff_cap: float = 0.5
+    budget_ratio: float = 0.2
+    budget_min_per_second: float = 5.0
+    budget_window: float = 10.0
+    attempt_timeout: float | None = 0.5
+    idempotent_commands: frozenset[str] = field(default_factory=frozenset)
+    idempotent_scripts: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        o = "RetryPolicy"
+        _int_at_least(o, "max_attempts", self.max_attempts, 1)
+        _positive(o, "backoff_base", self.backoff_base, allow_zero=True)
+        _positive(o, "backoff_cap", self.backoff_cap, allow_zero=True)
+        if self.backoff_cap < self.backoff_base:
+            raise ConfigurationError(
+                f"RetryPolicy.backoff_cap ({self.backoff_cap}) must be >= backoff_base ({self.backoff_base})"
+            )
+        _positive(o, "budget_ratio", self.budget_ratio, allow_zero=True)
+        _positive(o, "budget_min_per_second", self.budget_min_per_second, allow_zero=True)
+        _positive(o, "budget_window", self.budget_window)
+        if self.attempt_timeout is not None:
+            _positive(o, "attempt_timeout", self.attempt_timeout)
+        object.__setattr__(self, "idempotent_commands", _normalise_commands(self.idempotent_commands))
+        object.__setattr__(self, "idempotent_scripts", _normalise_scripts(self.idempotent_scripts))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerPolicy:
+    """When the circuit breaker opens and how it recovers.
+
+    Args:
+        failure_threshold: Consecutive failed attempts that open the breaker.
+        failure_rate_threshold: Failure fraction over the rolling ``window``
+            that opens the breaker once ``minimum_calls`` attempts were seen.
+        minimum_calls: Attempts in the window before the rate is trusted.
+        window: Length of the rolling window, seconds.
+        reset_timeout: Seconds the breaker stays open before letting trial
+            calls through (half-open), if the background probe has not already
+            seen Redis answer.
+        half_open_max_calls: Trial calls allowed at once while half-open; this
+            many successes close the breaker, one failure re-opens it.
+        slow_call_threshold: Seconds after which a successful attempt counts
+            as a failure (a Redis that answers in 2 s is down for a web app),
+            or ``None`` to disable.
+        probe_interval: Seconds between background health probes (a ``PING``)
+            while open, or ``None`` to disable probes and wait ``reset_timeout``.
+        probe_timeout: Seconds a probe may take.
+    """
+
+    failure_threshold: int = 5
+    failure_rate_threshold: float = 0.5
+    minimum_calls: int = 20
+    window: float = 10.0
+    reset_timeout: float = 30.0
+    half_open_max_calls: int = 3
+    slow_call_threshold: float | None = None
+    probe_interval: float | None = 0.5
+    probe_timeout: float = 0.25
+
+    def __post_init__(self) -> None:
+        o = "BreakerPolicy"
+        _int_at_least(o, "failure_threshold", self.failure_threshold, 1)
+        _fraction(o, "failure_rate_threshold", self.failure_rate_threshold, allow_zero=False)
+        _int_at_least(o, "minimum_calls", self.minimum_calls, 1)
+        _positive(o, "window", self.window)
+        _positive(o, "reset_timeout", self.reset_timeout)
+        _int_at_least(o, "half_open_max_calls", self.half_open_max_calls, 1)
+        if self.slow_call_threshold is not None:
+            _positive(o, "slow_call_threshold", self.slow_call_threshold)
+        if self.probe_interval is not None:
+            _positive(o, "probe_interval", self.probe_interval)
+        _positive(o, "probe_timeout", self.probe_timeout)
+
+
+def validate_deadline(owner: str, value: float | None) -> float | None:
+    """Check a deadline value (seconds or None) and return it."""
+    if value is not None:
+        _positive(owner, "deadline", value)
+    return value

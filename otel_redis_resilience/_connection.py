@@ -1,0 +1,207 @@
+"""Hooks into redis-py connections: deadline-capped sockets and "was it sent?" tracking.
+
+``Resilience`` swaps the client's connection class for a subclass built here
+(the user's class keeps its behaviour; ours only wraps the socket). The hooks
+read the attempt in flight from a context variable, so connections used outside
+a resilient handle behave exactly as before.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from ._context import CURRENT_ATTEMPT
+
+_monotonic = time.monotonic
+
+
+class DeadlineSocket:
+    """A socket whose blocking calls never outlive the current attempt's deadline.
+
+    A per-read socket timeout alone is not enough: connecting sends several
+    commands (HELLO, CLIENT SETINFO...) and each read would get the full
+    timeout. Capping every call by the time left makes the attempt's total
+    bounded, whatever redis-py does inside.
+    """
+
+    __slots__ = ("_applied", "_sock", "_timeout", "quiet")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._timeout = sock.gettimeout()
+        self._applied = self._timeout
+        #: True while the connection handshake runs: its bytes are not the command's.
+        self.quiet = False
+
+    def _cap(self) -> Any:
+        attempt = CURRENT_ATTEMPT.get()
+        if attempt is None or attempt.deadline is None:
+            if self._applied != self._timeout:
+                self._sock.settimeout(self._timeout)
+                self._applied = self._timeout
+            return attempt
+        remaining = attempt.deadline - _monotonic()
+        if remaining <= 0:
+            raise TimeoutError("attempt deadline reached")
+        base = self._timeout
+        wanted = remaining if base is None or remaining < base else base
+        if wanted != self._applied:
+            self._sock.settimeout(wanted)
+            self._applied = wanted
+        return attempt
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self._cap()
+        return self._sock.recv(bufsize, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        self._cap()
+        return self._sock.recv_into(buffer, nbytes, flags)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        attempt = self._cap()
+        if attempt is not None and not self.quiet:
+            # Set before writing: once any byte may have left, the command may run.
+            attempt.sent = True
+        self._sock.sendall(data, flags)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        attempt = self._cap()
+        if attempt is not None and not self.quiet:
+            attempt.sent = True
+        return self._sock.send(data, flags)
+
+    def settimeout(self, value: float | None) -> None:
+        self._timeout = value
+        self._applied = value
+        self._sock.settimeout(value)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class SyncConnectionHooks:
+    """Mixed in front of a sync redis-py connection class."""
+
+    _sock: Any
+    socket_connect_timeout: float | None
+
+    def _connect(self) -> Any:
+        attempt = CURRENT_ATTEMPT.get()
+        saved = self.socket_connect_timeout
+        if attempt is not None and attempt.deadline is not None:
+            remaining = max(attempt.deadline - _monotonic(), 0.0001)
+            if saved is None or remaining < saved:
+                self.socket_connect_timeout = remaining
+        try:
+            sock = super()._connect()  # type: ignore[misc]
+        finally:
+            self.socket_connect_timeout = saved
+        return DeadlineSocket(sock)
+
+    def on_connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
+        sock = self._sock
+        if isinstance(sock, DeadlineSocket):
+            sock.quiet = True
+        try:
+            return super().on_connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            if isinstance(sock, DeadlineSocket):
+                sock.quiet = False
+
+    def check_health(self) -> Any:
+        # The health-check PING is not the command: it must not mark it as sent.
+        sock = self._sock
+        if isinstance(sock, DeadlineSocket):
+            sock.quiet = True
+        try:
+            return super().check_health()  # type: ignore[misc]
+        finally:
+            if isinstance(sock, DeadlineSocket):
+                sock.quiet = False
+
+
+class TrackingWriter:
+    """Wraps an asyncio StreamWriter to note when the command's bytes are written."""
+
+    __slots__ = ("_writer", "quiet")
+
+    def __init__(self, writer: Any) -> None:
+        self._writer = writer
+        self.quiet = False
+
+    def _mark(self) -> None:
+        if not self.quiet:
+            attempt = CURRENT_ATTEMPT.get()
+            if attempt is not None:
+                attempt.sent = True
+
+    def write(self, data: Any) -> None:
+        self._mark()
+        self._writer.write(data)
+
+    def writelines(self, data: Any) -> None:
+        self._mark()
+        self._writer.writelines(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+
+class AsyncConnectionHooks:
+    """Mixed in front of an asyncio redis-py connection class."""
+
+    _writer: Any
+
+    async def _connect(self) -> None:
+        await super()._connect()  # type: ignore[misc]
+        if self._writer is not None and not isinstance(self._writer, TrackingWriter):
+            self._writer = TrackingWriter(self._writer)
+
+    async def on_connect_check_health(self, *args: Any, **kwargs: Any) -> Any:
+        writer = self._writer
+        if isinstance(writer, TrackingWriter):
+            writer.quiet = True
+        try:
+            return await super().on_connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        except BaseException:
+            # redis-py cleans up after a RedisError here but not after a
+            # cancellation: a handshake cut short would leave its reply in
+            # flight on a pooled connection, to be read by the next command.
+            self._close()  # type: ignore[attr-defined]
+            raise
+        finally:
+            if isinstance(writer, TrackingWriter):
+                writer.quiet = False
+
+    async def check_health(self) -> Any:
+        writer = self._writer
+        if isinstance(writer, TrackingWriter):
+            writer.quiet = True
+        try:
+            return await super().check_health()  # type: ignore[misc]
+        finally:
+            if isinstance(writer, TrackingWriter):
+                writer.quiet = False
+
+
+_sync_classes: dict[type, type] = {}
+_async_classes: dict[type, type] = {}
+
+
+def hooked_class(cls: type, *, is_async: bool) -> type:
+    """The hooked subclass of a redis-py connection class (cached)."""
+    hooks: type = AsyncConnectionHooks if is_async else SyncConnectionHooks
+    if issubclass(cls, hooks):
+        return cls
+    cache = _async_classes if is_async else _sync_classes
+    found = cache.get(cls)
+    if found is None:
+        found = type(f"Resilient{cls.__name__}", (hooks, cls), {"__module__": __name__})
+        cache[cls] = found
+    return found

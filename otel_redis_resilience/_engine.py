@@ -1,0 +1,303 @@
+"""Every resilience decision, written once for the sync and the async drivers.
+
+``Core`` is the per-endpoint shared state (breaker, retry budget, policies).
+``Operation`` walks one logical Redis operation through its attempts: it says
+whether an attempt may run and for how long, and what to do after it failed.
+It performs no I/O and never sleeps; the drivers in ``_drivers`` do.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._backoff import backoff_delay
+from ._breaker import REJECTED, BreakerMachine, BreakerState
+from ._budget import RetryBudget
+from ._classify import ErrorKind, classify
+from ._config import BreakerPolicy, RetryPolicy
+from ._errors import RedisUnavailable, UnavailableReason
+from ._events import Endpoint
+from ._safety import block_seconds, is_idempotent
+from ._testing import is_testing
+
+if TYPE_CHECKING:
+    from ._scope import RequestScope
+    from ._telemetry import Telemetry
+
+#: ``Operation.failed`` returns this to tell the driver to re-raise the original error.
+RERAISE = -1.0
+
+# An attempt needs at least this long to be worth starting; below it the
+# deadline is treated as spent rather than starting an attempt doomed to time out.
+_MIN_ATTEMPT = 0.002
+
+
+class Core:
+    """State shared by every request of one ``Resilience``: one per Redis endpoint."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Endpoint,
+        retry: RetryPolicy,
+        breaker: BreakerPolicy,
+        telemetry: Telemetry,
+    ) -> None:
+        self.endpoint = endpoint
+        self.retry = retry
+        self.breaker_policy = breaker
+        self.telemetry = telemetry
+        self.lock = threading.Lock()
+        self.breaker = BreakerMachine(breaker)
+        self.budget = RetryBudget(
+            ratio=retry.budget_ratio, min_per_second=retry.budget_min_per_second, window=retry.budget_window
+        )
+        self.random = random.Random()
+        #: Set by the owner: starts a background probe (thread or task).
+        self.start_probe: Any = None
+
+    # Called with the lock held, after any breaker method that may have moved.
+    def _drain_locked(self) -> list[Any] | None:
+        if not self.breaker.transitions:
+            return None
+        moved = self.breaker.transitions
+        self.breaker.transitions = []
+        return moved
+
+    def after_transitions(self, moved: list[Any] | None) -> None:
+        """Report transitions and start a probe if the breaker opened. Lock not held."""
+        if moved is None:
+            return
+        self.telemetry.transitions(moved)
+        if moved[-1].new is BreakerState.OPEN:
+            self.maybe_probe()
+
+    def maybe_probe(self) -> None:
+        if self.start_probe is None:
+            return
+        with self.lock:
+            due = self.breaker.probe_due()
+        if due:
+            self.start_probe()
+
+    @property
+    def state(self) -> BreakerState:
+        return self.breaker.state
+
+    def force_open(self) -> None:
+        with self.lock:
+            self.breaker.force_open(time.monotonic())
+            moved = self._drain_locked()
+        self.after_transitions(moved)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.breaker.reset(time.monotonic())
+            moved = self._drain_locked()
+        self.after_transitions(moved)
+
+    def probe_succeeded(self) -> None:
+        with self.lock:
+            self.breaker.on_probe_success(time.monotonic())
+            moved = self._drain_locked()
+        self.after_transitions(moved)
+
+    def probe_wanted(self) -> bool:
+        with self.lock:
+            return self.breaker.probe_wanted()
+
+    def probe_finished(self) -> None:
+        with self.lock:
+            self.breaker.probe_finished()
+
+    def after_fork(self) -> None:
+        self.lock = threading.Lock()
+        self.breaker.after_fork()
+
+
+class Operation:
+    """One logical operation (a command, a pipeline or a transaction) and its attempts."""
+
+    __slots__ = (
+        "args",
+        "attempt_started",
+        "attempts",
+        "core",
+        "deadline_at",
+        "name",
+        "permit",
+        "pipeline",
+        "retryable",
+        "scope",
+        "span",
+        "started",
+        "token",
+        "transaction",
+    )
+
+    def __init__(
+        self,
+        core: Core,
+        scope: RequestScope | None,
+        name: str,
+        args: Sequence[Any],
+        *,
+        pipeline: Sequence[tuple[Sequence[Any], Any]] | None = None,
+        transaction: bool = False,
+        retryable: bool = True,
+    ) -> None:
+        self.core = core
+        self.scope = scope
+        self.name = name
+        self.args = args
+        self.pipeline = pipeline
+        self.transaction = transaction
+        self.retryable = retryable
+        self.attempts = 0
+        self.permit = REJECTED
+        self.deadline_at = scope.deadline_at if scope is not None else None
+        self.span: Any = None
+        self.token: Any = None
+        self.started = 0.0
+        self.attempt_started = 0.0
+
+    # -- attempts --------------------------------------------------------------
+
+    def start(self, now: float) -> float | None:
+        """Begin the operation; the first attempt's timeout. Raises if rejected up front."""
+        self.started = now
+        core = self.core
+        core.telemetry.begin(self)
+        with core.lock:
+            core.budget.record_operation(now)
+        return self.next_attempt(now, None)
+
+    def next_attempt(self, now: float, last: BaseException | None) -> float | None:
+        """Permit the next attempt; its timeout (None: the client's own). Raises if rejected."""
+        deadline_at = self.deadline_at
+        if deadline_at is not None and deadline_at - now < _MIN_ATTEMPT:
+            raise self._give_up("deadline_exceeded", last, rejected=True)
+        core = self.core
+        with core.lock:
+            permit = core.breaker.acquire(now)
+            moved = core._drain_locked()
+        core.after_transitions(moved)
+        if permit == REJECTED:
+            core.maybe_probe()
+            raise self._give_up("breaker_open", last, rejected=True)
+        self.permit = permit
+        self.attempts += 1
+        self.attempt_started = now
+        timeout = core.retry.attempt_timeout
+        if self.pipeline is None:
+            block = block_seconds(self.name, self.args) if self.name[0] in "BXW" else None
+            if block is not None:
+                timeout = None if block == 0 or timeout is None else timeout + block
+        if deadline_at is not None:
+            remaining = deadline_at - now
+            timeout = remaining if timeout is None or remaining < timeout else timeout
+        return timeout
+
+    def succeeded(self, now: float) -> None:
+        core = self.core
+        with core.lock:
+            core.breaker.on_success(self.permit, now, now - self.attempt_started)
+            moved = core._drain_locked()
+        core.after_transitions(moved)
+        core.telemetry.finish(self, "ok" if self.attempts == 1 else "retried", None, now)
+
+    def failed(self, exc: BaseException, sent: bool, now: float) -> float:
+        """Decide after a failed attempt: a backoff delay before retrying, or raise.
+
+        Returns :data:`RERAISE` when the original error must propagate as is.
+        """
+        core = self.core
+        kind = classify(exc)
+        if kind is ErrorKind.CALLER or kind is ErrorKind.ABORTED:
+            with core.lock:
+                core.breaker.on_release(self.permit)
+            core.telemetry.finish(self, "error" if kind is ErrorKind.CALLER else "cancelled", exc, now)
+            return RERAISE
+        with core.lock:
+            if kind is ErrorKind.POOL_EXHAUSTED:
+                core.breaker.on_release(self.permit)
+            else:
+                core.breaker.on_failure(self.permit, now)
+            moved = core._drain_locked()
+        core.after_transitions(moved)
+        if self.scope is not None:
+            self.scope.failures += 1
+        # A refused command did not run; nothing was applied when nothing was sent.
+        maybe_applied = sent and kind is ErrorKind.UNAVAILABLE
+        deadline_at = self.deadline_at
+        if deadline_at is not None and deadline_at - now < 2 * _MIN_ATTEMPT:
+            raise self._give_up("deadline_exceeded", exc, maybe_applied=maybe_applied)
+        if self.attempts >= core.retry.max_attempts or not self.retryable:
+            raise self._give_up("retries_exhausted", exc, maybe_applied=maybe_applied)
+        if maybe_applied and not self._idempotent():
+            raise self._give_up("unsafe_to_retry", exc, maybe_applied=True)
+        with core.lock:
+            allowed = core.budget.try_spend(now)
+        if not allowed:
+            raise self._give_up("budget_exhausted", exc, maybe_applied=maybe_applied, rejected=True)
+        if is_testing():
+            delay = 0.0
+        else:
+            policy = core.retry
+            delay = backoff_delay(
+                self.attempts, base=policy.backoff_base, cap=policy.backoff_cap, jitter=core.random.random()
+            )
+            if deadline_at is not None:
+                # Leave at least half of what remains for the attempt itself.
+                delay = min(delay, (deadline_at - now) / 2)
+        core.telemetry.retry(self, delay, exc)
+        return delay
+
+    def _idempotent(self) -> bool:
+        policy = self.core.retry
+        if self.transaction:
+            # Once MULTI ... EXEC may have reached the server it is never sent again.
+            return False
+        if self.pipeline is not None:
+            return all(
+                is_idempotent(_name(cmd), cmd, policy.idempotent_commands, policy.idempotent_scripts)
+                for cmd, _ in self.pipeline
+            )
+        return is_idempotent(self.name, self.args, policy.idempotent_commands, policy.idempotent_scripts)
+
+    def _give_up(
+        self,
+        reason: UnavailableReason,
+        cause: BaseException | None,
+        *,
+        maybe_applied: bool = False,
+        rejected: bool = False,
+    ) -> RedisUnavailable:
+        err = RedisUnavailable(
+            reason,
+            operation=self.name,
+            attempts=self.attempts,
+            outcome_unknown=maybe_applied,
+            detail=type(cause).__name__ if cause is not None else "",
+        )
+        err.__cause__ = cause
+        telemetry = self.core.telemetry
+        if rejected:
+            telemetry.rejected(self, reason)
+        if rejected and self.attempts == 0:
+            outcome = "rejected"
+        elif reason == "deadline_exceeded":
+            outcome = "deadline_exceeded"
+        else:
+            outcome = "failed"
+        telemetry.finish(self, outcome, err, time.monotonic())
+        return err
+
+
+def _name(args: Sequence[Any]) -> str:
+    first = args[0]
+    return (first.decode() if isinstance(first, bytes) else str(first)).upper()

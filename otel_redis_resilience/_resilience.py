@@ -1,0 +1,320 @@
+"""``Resilience``: one per Redis endpoint, shared by every thread and task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import redis
+import redis.asyncio
+from opentelemetry import metrics, trace
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from . import _async, _sync
+from ._breaker import BreakerState
+from ._config import BreakerPolicy, RetryPolicy, validate_deadline
+from ._connection import hooked_class
+from ._context import CURRENT_ATTEMPT, Attempt
+from ._engine import Core
+from ._errors import ConfigurationError
+from ._events import Endpoint, Hook
+from ._scope import RequestScope, enter, leave
+from ._telemetry import Telemetry
+
+logger = logging.getLogger("otel_redis_resilience")
+
+_all_cores: weakref.WeakSet[Core] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for core in list(_all_cores):
+        core.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+H = TypeVar("H")
+
+
+def _endpoint(pool: Any) -> Endpoint:
+    kw = pool.connection_kwargs
+    db = int(kw.get("db", 0) or 0)
+    if kw.get("path"):
+        return Endpoint(str(kw["path"]), None, db)
+    return Endpoint(str(kw.get("host", "localhost")), int(kw.get("port", 6379)), db)
+
+
+class Resilience:
+    """Resilience for one Redis endpoint: a circuit breaker, safe retries and deadlines.
+
+    Create one per Redis client at start-up and share it across threads or
+    tasks. Each request then opens a scope with :meth:`request`, which yields
+    a handle with redis-py's whole command API.
+
+    Args:
+        client: A ``redis.Redis`` or ``redis.asyncio.Redis``. Its own retries
+            are switched off (``max_attempts`` here is the single retry layer)
+            and its connection class gets deadline and send-tracking hooks.
+            For an asyncio client ``socket_timeout`` is cleared: this library
+            bounds every attempt with ``asyncio.timeout`` instead, because
+            redis-py's ``asyncio.wait_for`` can swallow a cancellation on 3.11.
+        retry: How failed attempts are retried.
+        breaker: When the breaker opens and how it recovers.
+        deadline: Default total Redis time per request scope, in seconds
+            (``None``: no scope deadline; attempts are still bounded by
+            ``RetryPolicy.attempt_timeout``).
+        tracer_provider: Where spans go (default: the global provider).
+        meter_provider: Where metrics go (default: the global provider).
+        hooks: Callables that receive every event (see :class:`Hook`).
+        capture_statement: Record ``db.query.text`` on spans, sanitised
+            (``SET ? ?``: never a key or a value).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis | redis.asyncio.Redis,
+        *,
+        retry: RetryPolicy | None = None,
+        breaker: BreakerPolicy | None = None,
+        deadline: float | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+        hooks: Sequence[Hook] = (),
+        capture_statement: bool = False,
+    ) -> None:
+        if isinstance(client, redis.asyncio.Redis):
+            self._is_async = True
+        elif isinstance(client, redis.Redis):
+            self._is_async = False
+        else:
+            raise ConfigurationError(
+                "Resilience(client) needs a redis.Redis or a redis.asyncio.Redis, "
+                f"got {type(client).__module__}.{type(client).__qualname__}"
+                + (" (cluster clients are not supported)" if "Cluster" in type(client).__name__ else "")
+            )
+        if retry is None:
+            retry = RetryPolicy()
+        if breaker is None:
+            breaker = BreakerPolicy()
+        if not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"Resilience(retry=...) must be a RetryPolicy, got {retry!r}")
+        if not isinstance(breaker, BreakerPolicy):
+            raise ConfigurationError(f"Resilience(breaker=...) must be a BreakerPolicy, got {breaker!r}")
+        self._deadline = validate_deadline("Resilience", deadline)
+        for hook in hooks:
+            if not callable(hook):
+                raise ConfigurationError(f"Resilience(hooks=...) entries must be callable, got {hook!r}")
+        self.client = client
+        self.retry_policy = retry
+        self.breaker_policy = breaker
+        self.endpoint = _endpoint(client.connection_pool)
+        self._telemetry = Telemetry(
+            self.endpoint,
+            hooks=hooks,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            capture_statement=capture_statement,
+        )
+        self._core = Core(endpoint=self.endpoint, retry=retry, breaker=breaker, telemetry=self._telemetry)
+        self._telemetry.state_source = self._core_state
+        self._core.start_probe = self._start_probe
+        _all_cores.add(self._core)
+        self._handle_cls = (_async.handle_class if self._is_async else _sync.handle_class)(type(client))
+        self._probe_task: asyncio.Task[None] | None = None
+        self._probe_thread: threading.Thread | None = None
+        self._closed = False
+        self._install()
+
+    # -- set-up -----------------------------------------------------------------
+
+    def _install(self) -> None:
+        pool = self.client.connection_pool
+        no_retry = Retry(NoBackoff(), 0)
+        pool.connection_kwargs["retry"] = no_retry
+        if self._is_async:
+            pool.connection_kwargs["socket_timeout"] = None
+        pool.connection_class = hooked_class(pool.connection_class, is_async=self._is_async)
+        # Connections made before us carry the old class and retry settings.
+        pool.reset()
+        conn = getattr(self.client, "connection", None)
+        if conn is not None:
+            conn.__class__ = hooked_class(type(conn), is_async=self._is_async)
+            conn.retry = no_retry
+            if self._is_async:
+                conn.socket_timeout = None
+
+    def _core_state(self) -> BreakerState:
+        return self._core.breaker.state
+
+    # -- public API ---------------------------------------------------------------
+
+    @property
+    def is_async(self) -> bool:
+        """Whether this wraps an asyncio client."""
+        return self._is_async
+
+    @property
+    def breaker_state(self) -> BreakerState:
+        """The circuit breaker's current state."""
+        return self._core.breaker.state
+
+    def force_open(self) -> None:
+        """Open the breaker and keep it open (no probes) until :meth:`reset`. For operators."""
+        self._core.force_open()
+
+    def reset(self) -> None:
+        """Close the breaker and forget its history. For operators."""
+        self._core.reset()
+
+    def request(self, *, deadline: float | None = None) -> RequestContext[Any]:
+        """Open a request scope; use ``with`` (sync client) or ``async with`` (asyncio client).
+
+        Args:
+            deadline: Total Redis time for this scope in seconds, attempts and
+                backoff included; defaults to the ``Resilience`` deadline.
+        """
+        validate_deadline("request", deadline)
+        return RequestContext(self, self._deadline if deadline is None else deadline)
+
+    def handle(self, scope: RequestScope | None = None) -> Any:
+        """A resilient handle outside any request scope (no deadline), e.g. for background jobs."""
+        h: Any = object.__new__(self._handle_cls)
+        h.__dict__.update(self.client.__dict__)
+        h._orr_core = self._core
+        h._orr_scope = scope
+        return h
+
+    def close(self) -> None:
+        """Stop the background probe. Does not close the client (you own it)."""
+        self._closed = True
+        task = self._probe_task
+        if task is not None and not task.done():
+            task.get_loop().call_soon_threadsafe(task.cancel)
+
+    # -- background probe ---------------------------------------------------------
+
+    def _start_probe(self) -> None:
+        if self._closed:
+            self._core.probe_finished()
+            return
+        if self._is_async:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._core.probe_finished()
+                return
+            self._probe_task = loop.create_task(self._probe_loop_async(), name="otel-redis-resilience-probe")
+        else:
+            thread = threading.Thread(
+                target=self._probe_loop_sync, name=f"otel-redis-resilience-probe-{self.endpoint}", daemon=True
+            )
+            self._probe_thread = thread
+            thread.start()
+
+    def _probe_loop_sync(self) -> None:
+        core = self._core
+        policy = self.breaker_policy
+        interval = policy.probe_interval or 0.0
+        client: Any = self.client
+        try:
+            while not self._closed and core.probe_wanted():
+                time.sleep(interval)
+                if not core.probe_wanted():
+                    break
+                token = CURRENT_ATTEMPT.set(Attempt(time.monotonic() + policy.probe_timeout))
+                try:
+                    client.execute_command("PING")
+                except Exception:
+                    continue
+                finally:
+                    CURRENT_ATTEMPT.reset(token)
+                core.probe_succeeded()
+                break
+        finally:
+            core.probe_finished()
+
+    async def _probe_loop_async(self) -> None:
+        core = self._core
+        policy = self.breaker_policy
+        interval = policy.probe_interval or 0.0
+        client: Any = self.client
+        try:
+            while not self._closed and core.probe_wanted():
+                await asyncio.sleep(interval)
+                if not core.probe_wanted():
+                    break
+                try:
+                    async with asyncio.timeout(policy.probe_timeout):
+                        await client.execute_command("PING")
+                except Exception:
+                    continue
+                core.probe_succeeded()
+                break
+        finally:
+            core.probe_finished()
+
+    def __repr__(self) -> str:
+        return f"<Resilience {self.endpoint} breaker={self.breaker_state.value}>"
+
+
+class RequestContext(Generic[H]):
+    """The context manager returned by :meth:`Resilience.request`."""
+
+    __slots__ = ("_deadline", "_res", "_scope", "_span")
+
+    def __init__(self, res: Resilience, deadline: float | None) -> None:
+        self._res = res
+        self._deadline = deadline
+        self._scope: RequestScope | None = None
+        self._span: Any = None
+
+    def _open(self) -> Any:
+        if self._scope is not None:
+            raise RuntimeError("this request scope is already open; call res.request() again")
+        deadline = self._deadline
+        scope = RequestScope(None if deadline is None else time.monotonic() + deadline)
+        scope.handle = self._res.handle(scope)
+        self._span = Telemetry.scope_opened()
+        self._scope = scope
+        enter(scope)
+        return scope.handle
+
+    def _close(self) -> None:
+        scope = self._scope
+        if scope is None:
+            return
+        leave(scope)
+        Telemetry.scope_closed(scope, self._span)
+
+    @property
+    def scope(self) -> RequestScope | None:
+        """The scope's state (counters, deadline) once opened."""
+        return self._scope
+
+    def __enter__(self) -> Any:
+        if self._res.is_async:
+            raise TypeError("this Resilience wraps an asyncio client: use `async with res.request():`")
+        return self._open()
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._close()
+
+    async def __aenter__(self) -> Any:
+        if not self._res.is_async:
+            raise TypeError("this Resilience wraps a sync client: use `with res.request():`")
+        return self._open()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._close()

@@ -1,0 +1,411 @@
+"""All telemetry leaves from here: spans, span events, metrics, logs and user hooks.
+
+Nothing in this module may break a Redis call: every exporter, SDK or hook
+failure is caught and logged (rate-limited).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import metrics, trace
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from ._breaker import BreakerState, Transition
+from ._classify import error_type
+from ._errors import RedisUnavailable
+from ._events import (
+    BreakerTransitioned,
+    CallRejected,
+    Endpoint,
+    Event,
+    FallbackUsed,
+    Hook,
+    OperationFinished,
+    RetryScheduled,
+)
+
+if TYPE_CHECKING:
+    from ._engine import Operation
+    from ._scope import RequestScope
+
+logger = logging.getLogger("otel_redis_resilience")
+
+SCOPE_NAME = "otel_redis_resilience"
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.28.0"
+# The database semantic conventions' advisory buckets for db.client.operation.duration.
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+
+_STATES = (BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN)
+_OUTCOMES_DEGRADED = frozenset({"rejected", "failed", "deadline_exceeded"})
+
+
+class _RateLimitedLog:
+    """At most one line per ``interval`` per key; counts what it held back."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str, level: int, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next.get(key, 0.0):
+                self._held[key] = self._held.get(key, 0) + 1
+                return
+            self._next[key] = now + self._interval
+            held = self._held.pop(key, 0)
+        if held:
+            msg += " (%d similar messages suppressed)"
+            args = (*args, held)
+        logger.log(level, msg, *args)
+
+
+_ratelimited = _RateLimitedLog()
+
+
+class _Instruments:
+    """The metric instruments of one meter provider, shared by every ``Resilience`` on it."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.members: weakref.WeakSet[Telemetry] = weakref.WeakSet()
+        self.duration = meter.create_histogram(
+            "db.client.operation.duration",
+            unit="s",
+            description="Duration of database client operations, retries and backoff included.",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.transitions = meter.create_counter(
+            "redis.resilience.breaker.transitions",
+            unit="{transition}",
+            description="Circuit breaker state changes.",
+        )
+        self.retries = meter.create_counter(
+            "redis.resilience.retries", unit="{retry}", description="Attempts retried after a failure."
+        )
+        self.rejections = meter.create_counter(
+            "redis.resilience.rejections",
+            unit="{rejection}",
+            description="Calls short-circuited without a reply (breaker open, retry budget spent, deadline).",
+        )
+        self.fallbacks = meter.create_counter(
+            "redis.resilience.fallbacks", unit="{fallback}", description="Fallbacks served instead of Redis."
+        )
+        meter.create_observable_gauge(
+            "redis.resilience.breaker.state",
+            callbacks=[self._observe_state],
+            unit="{state}",
+            description="Circuit breaker state: 1 for the current state, 0 for the others.",
+        )
+        #: Extra observable sources (the write-behind journal registers here).
+        self.gauges: dict[str, Any] = {}
+        self.meter = meter
+
+    def _observe_state(self, options: CallbackOptions) -> Iterable[Observation]:
+        out = []
+        for member in list(self.members):
+            state_fn = member.state_source
+            if state_fn is None:
+                continue
+            current = state_fn()
+            for state in _STATES:
+                out.append(
+                    Observation(1 if state is current else 0, {"state": state.value, **member.server_attrs})
+                )
+        return out
+
+
+_registry_lock = threading.Lock()
+_registry: dict[int, tuple[Any, _Instruments]] = {}
+
+
+def _instruments_for(meter_provider: metrics.MeterProvider | None) -> _Instruments:
+    key = id(meter_provider)
+    with _registry_lock:
+        found = _registry.get(key)
+        if found is not None and found[0] is meter_provider:
+            return found[1]
+        meter = metrics.get_meter(SCOPE_NAME, _version(), meter_provider, schema_url=SCHEMA_URL)
+        inst = _Instruments(meter)
+        # Keep the provider alive with its instruments so ids are never reused under us.
+        _registry[key] = (meter_provider, inst)
+        return inst
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _sanitize(args: Sequence[Any]) -> str:
+    if not args:
+        return ""
+    first = args[0]
+    name = first.decode() if isinstance(first, bytes) else str(first)
+    return " ".join([name.upper(), *("?" for _ in args[1:])])
+
+
+class Telemetry:
+    """The one place telemetry is emitted for a ``Resilience``."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        hooks: Sequence[Hook] = (),
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+        capture_statement: bool = False,
+    ) -> None:
+        self.endpoint = endpoint
+        self.hooks = tuple(hooks)
+        self.capture_statement = capture_statement
+        self._explicit_tp = tracer_provider
+        self._tp_seen: Any = None
+        self._tracer: trace.Tracer | None = None
+        self.server_attrs: dict[str, Any] = {"server.address": endpoint.address}
+        if endpoint.port is not None:
+            self.server_attrs["server.port"] = endpoint.port
+        self._span_base: dict[str, Any] = {
+            "db.system.name": "redis",
+            "db.namespace": str(endpoint.db),
+            **self.server_attrs,
+        }
+        self._metric_base: dict[str, Any] = {"db.system.name": "redis", **self.server_attrs}
+        self._duration_attrs: dict[tuple[str, str | None], dict[str, Any]] = {}
+        self.instruments = _instruments_for(meter_provider)
+        self.instruments.members.add(self)
+        #: Set by the owner: returns the current BreakerState, for the state gauge.
+        self.state_source: Any = None
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _get_tracer(self) -> trace.Tracer | None:
+        tp = self._explicit_tp if self._explicit_tp is not None else trace.get_tracer_provider()
+        if tp is not self._tp_seen:
+            self._tp_seen = tp
+            if isinstance(tp, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+                # No SDK configured: skip span work entirely rather than make no-op spans.
+                self._tracer = None
+            else:
+                self._tracer = tp.get_tracer(SCOPE_NAME, _version(), schema_url=SCHEMA_URL)
+        return self._tracer
+
+    def _emit(self, event: Event) -> None:
+        for hook in self.hooks:
+            try:
+                hook(event)
+            except Exception:
+                _log_hook_failure(hook)
+
+    # -- operations ------------------------------------------------------------
+
+    def begin(self, op: Operation) -> None:
+        tracer = self._get_tracer()
+        if tracer is None or otel_context.get_value(_SUPPRESS_INSTRUMENTATION_KEY):
+            return
+        try:
+            span = tracer.start_span(op.name, kind=SpanKind.CLIENT)
+            if span.is_recording():
+                attrs = dict(self._span_base)
+                attrs["db.operation.name"] = op.name
+                if op.pipeline is not None and len(op.pipeline) >= 2:
+                    attrs["db.operation.batch.size"] = len(op.pipeline)
+                if self.capture_statement:
+                    if op.pipeline is not None:
+                        attrs["db.query.text"] = "; ".join(_sanitize(c) for c, _ in op.pipeline)[:2048]
+                    else:
+                        attrs["db.query.text"] = _sanitize(op.args)
+                state = self.state_source() if self.state_source is not None else None
+                if state is not None:
+                    attrs["redis.resilience.breaker.state"] = state.value
+                span.set_attributes(attrs)
+            op.span = span
+            op.token = otel_context.attach(trace.set_span_in_context(span))
+        except Exception:
+            _log_telemetry_failure()
+
+    def retry(self, op: Operation, delay: float, exc: BaseException) -> None:
+        etype = error_type(exc)
+        try:
+            span = op.span
+            if span is not None and span.is_recording():
+                span.add_event(
+                    "redis.resilience.retry",
+                    {
+                        "redis.resilience.attempt": op.attempts,
+                        "redis.resilience.delay": delay,
+                        "error.type": etype,
+                    },
+                )
+            self.instruments.retries.add(
+                1, {"db.operation.name": op.name, "error.type": etype, **self.server_attrs}
+            )
+        except Exception:
+            _log_telemetry_failure()
+        if self.hooks:
+            self._emit(RetryScheduled(self.endpoint, op.name, op.attempts, delay, etype))
+
+    def rejected(self, op: Operation, reason: str) -> None:
+        if op.scope is not None:
+            op.scope.rejections += 1
+        try:
+            span = op.span
+            if span is not None and span.is_recording():
+                span.add_event("redis.resilience.rejected", {"redis.resilience.reason": reason})
+            self.instruments.rejections.add(1, {"reason": reason, **self.server_attrs})
+        except Exception:
+            _log_telemetry_failure()
+        if self.hooks:
+            self._emit(CallRejected(self.endpoint, op.name, reason))
+
+    def finish(self, op: Operation, outcome: str, exc: BaseException | None, now: float) -> None:
+        scope = op.scope
+        if scope is not None:
+            scope.operations += 1
+        duration = now - op.started
+        etype: str | None = None
+        if exc is not None:
+            cause = exc.__cause__ if isinstance(exc, RedisUnavailable) and exc.__cause__ else exc
+            etype = error_type(cause) if outcome != "rejected" else "otel_redis_resilience.RedisUnavailable"
+        if outcome in _OUTCOMES_DEGRADED:
+            _ratelimited(
+                f"fail:{self.endpoint}",
+                logging.WARNING,
+                "Redis %s unavailable: %s %s (%s)",
+                self.endpoint,
+                op.name,
+                outcome,
+                etype,
+            )
+        try:
+            span = op.span
+            if span is not None:
+                if op.token is not None:
+                    otel_context.detach(op.token)
+                    op.token = None
+                if span.is_recording():
+                    span.set_attribute("redis.resilience.attempts", op.attempts)
+                    span.set_attribute("redis.resilience.outcome", outcome)
+                    if exc is not None and outcome != "cancelled":
+                        span.set_attribute("error.type", etype or "")
+                        if outcome == "error" and etype and etype.isupper():
+                            span.set_attribute("db.response.status_code", etype)
+                        span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                        if outcome != "rejected":
+                            span.record_exception(exc)
+                span.end()
+                op.span = None
+            key = (op.name, etype)
+            attrs = self._duration_attrs.get(key)
+            if attrs is None:
+                attrs = {"db.operation.name": op.name, **self._metric_base}
+                if etype is not None:
+                    attrs["error.type"] = etype
+                if len(self._duration_attrs) < 4096:
+                    self._duration_attrs[key] = attrs
+            self.instruments.duration.record(duration, attrs)
+        except Exception:
+            _log_telemetry_failure()
+        if self.hooks:
+            self._emit(OperationFinished(self.endpoint, op.name, outcome, op.attempts, duration, etype))
+
+    # -- breaker ---------------------------------------------------------------
+
+    def transitions(self, moved: Sequence[Transition]) -> None:
+        for t in moved:
+            level = logging.WARNING if t.new is BreakerState.OPEN else logging.INFO
+            logger.log(
+                level,
+                "Redis %s circuit breaker %s -> %s (%s)",
+                self.endpoint,
+                t.previous.value,
+                t.new.value,
+                t.reason,
+            )
+            try:
+                span = trace.get_current_span()
+                if span.is_recording():
+                    span.add_event(
+                        "redis.resilience.breaker.transition",
+                        {
+                            "redis.resilience.breaker.previous_state": t.previous.value,
+                            "redis.resilience.breaker.state": t.new.value,
+                            "redis.resilience.reason": t.reason,
+                        },
+                    )
+                self.instruments.transitions.add(
+                    1, {"state": t.new.value, "previous_state": t.previous.value, **self.server_attrs}
+                )
+            except Exception:
+                _log_telemetry_failure()
+            if self.hooks:
+                self._emit(BreakerTransitioned(self.endpoint, t.previous, t.new, t.reason, t.at))
+
+    # -- fallbacks and request scopes --------------------------------------------
+
+    def fallback(self, operation: str, kind: str, reason: str, scope: RequestScope | None) -> None:
+        if scope is not None:
+            scope.fallbacks += 1
+        try:
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.add_event(
+                    "redis.resilience.fallback",
+                    {"redis.resilience.fallback.kind": kind, "redis.resilience.reason": reason},
+                )
+            self.instruments.fallbacks.add(1, {"reason": reason, "kind": kind, **self.server_attrs})
+        except Exception:
+            _log_telemetry_failure()
+        if self.hooks:
+            self._emit(FallbackUsed(self.endpoint, operation, kind, reason))
+
+    @staticmethod
+    def scope_opened() -> Any:
+        """The span to summarise the request on: the server span active now, if recording."""
+        span = trace.get_current_span()
+        return span if span.is_recording() else None
+
+    @staticmethod
+    def scope_closed(scope: RequestScope, span: Any) -> None:
+        if span is None:
+            return
+        try:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "redis.resilience.operations": scope.operations,
+                        "redis.resilience.fallbacks": scope.fallbacks,
+                        "redis.resilience.degraded": scope.degraded,
+                    }
+                )
+        except Exception:
+            _log_telemetry_failure()
+
+
+def _log_hook_failure(hook: object) -> None:
+    _ratelimited(
+        f"hook:{id(hook)}",
+        logging.ERROR,
+        "otel_redis_resilience hook %r raised; the Redis call is not affected",
+        hook,
+    )
+    logger.debug("hook failure", exc_info=True)
+
+
+def _log_telemetry_failure() -> None:
+    _ratelimited(
+        "telemetry", logging.ERROR, "otel_redis_resilience telemetry failed; the Redis call is not affected"
+    )
+    logger.debug("telemetry failure", exc_info=True)

@@ -13,6 +13,7 @@ from ._events import (
     OperationFinished,
     RetryScheduled,
 )
+from ._fallback import LastKnownGoodPolicy
 from ._resilience import RequestContext, Resilience
 from ._safety import IDEMPOTENT_WRITES, READ_COMMANDS
 from ._scope import NoActiveRequest, RequestScope, current_redis, current_scope
@@ -37,6 +38,7 @@ __all__ = [
     "Event",
     "FallbackUsed",
     "Hook",
+    "LastKnownGoodPolicy",
     "NoActiveRequest",
     "OperationFinished",
     "RedisUnavailable",

@@ -25,6 +25,7 @@ from ._safety import block_seconds, is_idempotent
 from ._testing import is_testing
 
 if TYPE_CHECKING:
+    from ._fallback import LastKnownGood
     from ._scope import RequestScope
     from ._telemetry import Telemetry
 
@@ -59,6 +60,8 @@ class Core:
         self.random = random.Random()
         #: Set by the owner: starts a background probe (thread or task).
         self.start_probe: Any = None
+        #: The last-known-good store, when enabled.
+        self.lkg: LastKnownGood | None = None
 
     # Called with the lock held, after any breaker method that may have moved.
     def _drain_locked(self) -> list[Any] | None:

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -26,6 +26,7 @@ from ._context import CURRENT_ATTEMPT, Attempt
 from ._engine import Core
 from ._errors import ConfigurationError
 from ._events import Endpoint, Hook
+from ._fallback import _MISSING, LastKnownGood, LastKnownGoodPolicy, make_fallback_decorator
 from ._scope import RequestScope, enter, leave
 from ._telemetry import Telemetry
 
@@ -42,6 +43,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 H = TypeVar("H")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _endpoint(pool: Any) -> Endpoint:
@@ -76,6 +78,8 @@ class Resilience:
         hooks: Callables that receive every event (see :class:`Hook`).
         capture_statement: Record ``db.query.text`` on spans, sanitised
             (``SET ? ?``: never a key or a value).
+        last_known_good: Keep a bounded in-process copy of recent successful
+            reads, served by :meth:`last_known_good` views while Redis is down.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class Resilience:
         meter_provider: metrics.MeterProvider | None = None,
         hooks: Sequence[Hook] = (),
         capture_statement: bool = False,
+        last_known_good: LastKnownGoodPolicy | None = None,
     ) -> None:
         if isinstance(client, redis.asyncio.Redis):
             self._is_async = True
@@ -126,6 +131,12 @@ class Resilience:
         self._core = Core(endpoint=self.endpoint, retry=retry, breaker=breaker, telemetry=self._telemetry)
         self._telemetry.state_source = self._core_state
         self._core.start_probe = self._start_probe
+        if last_known_good is not None:
+            if not isinstance(last_known_good, LastKnownGoodPolicy):
+                raise ConfigurationError(
+                    f"Resilience(last_known_good=...) must be a LastKnownGoodPolicy, got {last_known_good!r}"
+                )
+            self._core.lkg = LastKnownGood(last_known_good)
         _all_cores.add(self._core)
         self._handle_cls = (_async.handle_class if self._is_async else _sync.handle_class)(type(client))
         self._probe_task: asyncio.Task[None] | None = None
@@ -191,6 +202,18 @@ class Resilience:
         h._orr_core = self._core
         h._orr_scope = scope
         return h
+
+    def fallback(self, *, value: Any = _MISSING, func: Callable[..., Any] | None = None) -> Callable[[F], F]:
+        """Decorate a function (sync or async) to return a fallback when Redis is unavailable.
+
+        ``fallback(value=x)`` returns ``x``; ``fallback(func=f)`` returns
+        ``f(*args, **kwargs)`` called with the decorated function's arguments
+        (awaited when both are coroutine functions). Only unavailability falls
+        back: :class:`RedisUnavailable` and redis-py's connection and timeout
+        errors. Every other error propagates. Each fallback is recorded (span
+        event ``redis.resilience.fallback``, metric ``redis.resilience.fallbacks``).
+        """
+        return make_fallback_decorator(self._telemetry, value=value, func=func)
 
     def close(self) -> None:
         """Stop the background probe. Does not close the client (you own it)."""
@@ -268,13 +291,12 @@ class Resilience:
 class RequestContext(Generic[H]):
     """The context manager returned by :meth:`Resilience.request`."""
 
-    __slots__ = ("_deadline", "_res", "_scope", "_span")
+    __slots__ = ("_deadline", "_res", "_scope")
 
     def __init__(self, res: Resilience, deadline: float | None) -> None:
         self._res = res
         self._deadline = deadline
         self._scope: RequestScope | None = None
-        self._span: Any = None
 
     def _open(self) -> Any:
         if self._scope is not None:
@@ -282,7 +304,6 @@ class RequestContext(Generic[H]):
         deadline = self._deadline
         scope = RequestScope(None if deadline is None else time.monotonic() + deadline)
         scope.handle = self._res.handle(scope)
-        self._span = Telemetry.scope_opened()
         self._scope = scope
         enter(scope)
         return scope.handle
@@ -292,7 +313,6 @@ class RequestContext(Generic[H]):
         if scope is None:
             return
         leave(scope)
-        Telemetry.scope_closed(scope, self._span)
 
     @property
     def scope(self) -> RequestScope | None:

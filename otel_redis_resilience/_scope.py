@@ -6,6 +6,7 @@ code the view calls can reach the request's handle with :func:`current_redis`.
 
 from __future__ import annotations
 
+import time
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -13,10 +14,22 @@ from typing import Any
 class RequestScope:
     """Per-request state: the deadline and what happened to this request's Redis calls."""
 
-    __slots__ = ("deadline_at", "failures", "fallbacks", "handle", "operations", "rejections", "token")
+    __slots__ = (
+        "deadline_at",
+        "failures",
+        "fallbacks",
+        "handle",
+        "operations",
+        "rejections",
+        "summary_span",
+        "token",
+    )
 
     def __init__(self, deadline_at: float | None) -> None:
         self.deadline_at = deadline_at
+        #: The server span the request summary is written to; found at the first
+        #: operation, when the framework's server span is surely active.
+        self.summary_span: Any = None
         self.operations = 0
         self.failures = 0
         self.rejections = 0
@@ -28,6 +41,17 @@ class RequestScope:
     def degraded(self) -> bool:
         """True when any Redis call of this request failed, was rejected or fell back."""
         return bool(self.rejections or self.fallbacks or self.failures)
+
+    def set_deadline(self, seconds: float | None) -> None:
+        """Replace the scope's deadline with ``seconds`` from now (None: no deadline).
+
+        For per-route deadlines set after the scope opened (a route decorator,
+        a FastAPI dependency).
+        """
+        from ._config import validate_deadline
+
+        validate_deadline("RequestScope.set_deadline", seconds)
+        self.deadline_at = None if seconds is None else time.monotonic() + seconds
 
     def remaining(self, now: float) -> float | None:
         """Seconds left before the deadline (may be negative), or None without one."""

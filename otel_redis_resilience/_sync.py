@@ -11,6 +11,8 @@ import redis.client
 
 from ._context import CURRENT_ATTEMPT, Attempt
 from ._engine import RERAISE, Core, Operation
+from ._errors import ConfigurationError
+from ._fallback import MISS, NORMAL, STALE, recover, remember
 from ._safety import command_name
 from ._scope import RequestScope
 
@@ -52,15 +54,55 @@ class SyncHandle(redis.Redis):
 
     _orr_core: Core
     _orr_scope: RequestScope | None
+    _orr_mode: int = NORMAL
     _orr_pipeline_cls: type
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        base = super().execute_command
-        op = Operation(self._orr_core, self._orr_scope, command_name(args), args)
-        return run_sync(op, lambda: base(*args, **options))
+        base: Callable[..., Any] = super().execute_command
+        name = command_name(args)
+        op = Operation(self._orr_core, self._orr_scope, name, args)
+        mode = self._orr_mode
+        if not mode:
+            return run_sync(op, lambda: base(*args, **options))
+        core = self._orr_core
+        try:
+            result = run_sync(op, lambda: base(*args, **options))
+        except Exception as exc:
+            return recover(mode, core.lkg, core.telemetry, name, args, options, exc, self._orr_scope)
+        if mode == STALE:
+            remember(core.lkg, name, args, options, result)
+        return result
+
+    def miss_on_outage(self) -> Any:
+        """A view of this handle whose reads answer as cache misses (None, empty) when Redis is unavailable.
+
+        For cache-aside code: an outage then looks like a miss and the caller
+        goes to the source of truth. Writes and error replies still raise.
+        """
+        return self._orr_view(MISS)
+
+    def last_known_good(self) -> Any:
+        """A view whose reads serve the last successful reply of the same command when Redis is unavailable.
+
+        Needs ``Resilience(last_known_good=LastKnownGoodPolicy(...))``. A read
+        with nothing remembered answers as a miss. Stale replies are marked on
+        the span (``redis.resilience.stale``) and counted as fallbacks of kind
+        ``last_known_good``.
+        """
+        if self._orr_core.lkg is None:
+            raise ConfigurationError(
+                "last_known_good() needs Resilience(..., last_known_good=LastKnownGoodPolicy(...))"
+            )
+        return self._orr_view(STALE)
+
+    def _orr_view(self, mode: int) -> Any:
+        view: Any = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._orr_mode = mode
+        return view
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        pipe: Any = super().pipeline(transaction, shard_hint)  # type: ignore[no-untyped-call]
+        pipe: Any = super().pipeline(transaction, shard_hint)
         pipe.__class__ = _pipeline_class(type(pipe))
         pipe._orr_core = self._orr_core
         pipe._orr_scope = self._orr_scope

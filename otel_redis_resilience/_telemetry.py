@@ -215,6 +215,10 @@ class Telemetry:
         tracer = self._get_tracer()
         if tracer is None or otel_context.get_value(_SUPPRESS_INSTRUMENTATION_KEY):
             return
+        scope = op.scope
+        if scope is not None and scope.summary_span is None:
+            current = trace.get_current_span()
+            scope.summary_span = current if current.is_recording() else False
         try:
             span = tracer.start_span(op.name, kind=SpanKind.CLIENT)
             if span.is_recording():
@@ -318,6 +322,8 @@ class Telemetry:
             self.instruments.duration.record(duration, attrs)
         except Exception:
             _log_telemetry_failure()
+        if scope is not None and scope.summary_span:
+            self.summarize(scope)
         if self.hooks:
             self._emit(OperationFinished(self.endpoint, op.name, outcome, op.attempts, duration, etype))
 
@@ -355,34 +361,49 @@ class Telemetry:
 
     # -- fallbacks and request scopes --------------------------------------------
 
-    def fallback(self, operation: str, kind: str, reason: str, scope: RequestScope | None) -> None:
-        if scope is not None:
-            scope.fallbacks += 1
+    def fallback(
+        self, operation: str, kind: str, reason: str, scope: RequestScope | None, *, stale: bool = False
+    ) -> None:
         try:
             span = trace.get_current_span()
+            if scope is not None:
+                scope.fallbacks += 1
+                if scope.summary_span is None:
+                    scope.summary_span = span if span.is_recording() else False
+                if scope.summary_span:
+                    self.summarize(scope)
             if span.is_recording():
                 span.add_event(
                     "redis.resilience.fallback",
                     {"redis.resilience.fallback.kind": kind, "redis.resilience.reason": reason},
                 )
+                if stale:
+                    span.set_attribute("redis.resilience.stale", True)
             self.instruments.fallbacks.add(1, {"reason": reason, "kind": kind, **self.server_attrs})
         except Exception:
             _log_telemetry_failure()
+        _ratelimited(
+            f"fallback:{self.endpoint}",
+            logging.WARNING,
+            "Redis %s unavailable: serving fallbacks (%s, %s)",
+            self.endpoint,
+            kind,
+            reason,
+        )
         if self.hooks:
             self._emit(FallbackUsed(self.endpoint, operation, kind, reason))
 
     @staticmethod
-    def scope_opened() -> Any:
-        """The span to summarise the request on: the server span active now, if recording."""
-        span = trace.get_current_span()
-        return span if span.is_recording() else None
+    def summarize(scope: RequestScope) -> None:
+        """Write the request summary on the server span.
 
-    @staticmethod
-    def scope_closed(scope: RequestScope, span: Any) -> None:
-        if span is None:
-            return
+        Written after every operation and fallback rather than once at the end,
+        so it is right whatever order the framework instrumentation and our
+        middleware tear down in.
+        """
+        span = scope.summary_span
         try:
-            if span.is_recording():
+            if span and span.is_recording():
                 span.set_attributes(
                     {
                         "redis.resilience.operations": scope.operations,

@@ -53,9 +53,12 @@ class BreakerModel(RuleBasedStateMachine):
         self._sync_transitions()
         if before is BreakerState.CLOSED:
             assert permit != REJECTED, "a closed breaker lets every call through"
-        if before is BreakerState.OPEN and self.opened_at is not None:
-            if self.forced or self.now - self.opened_at < POLICY.reset_timeout:
-                assert permit == REJECTED, "open and not yet timed out: rejected"
+        if (
+            before is BreakerState.OPEN
+            and self.opened_at is not None
+            and (self.forced or self.now - self.opened_at < POLICY.reset_timeout)
+        ):
+            assert permit == REJECTED, "open and not yet timed out: rejected"
         if permit != REJECTED:
             self.permits.append(permit)
 

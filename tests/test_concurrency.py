@@ -60,7 +60,9 @@ def test_threads_never_read_another_commands_reply(redis_server: RedisServer, pr
     for t in threads:
         t.join(30)
     assert not wrong, wrong[:5]
-    assert ok[0] > 100 and timeouts[0] > 100, (ok, timeouts)  # both paths were exercised
+    # Both paths were exercised: replies read in time, and attempts abandoned mid-flight.
+    assert ok[0] > 100, (ok, timeouts)
+    assert timeouts[0] > 100, (ok, timeouts)
 
 
 @pytest.mark.slow
@@ -98,5 +100,6 @@ async def test_tasks_never_read_another_commands_reply(redis_server: RedisServer
 
     await asyncio.wait_for(asyncio.gather(*(worker(n) for n in range(20))), 60)
     assert not wrong, wrong[:5]
-    assert ok > 100 and timeouts > 100, (ok, timeouts)
+    assert ok > 100, (ok, timeouts)
+    assert timeouts > 100, (ok, timeouts)
     await client.aclose()

@@ -49,7 +49,7 @@ def test_invalid_policies_fail_at_construction(factory: Any, match: str) -> None
 
 def test_invalid_resilience_arguments(clean_redis: RedisServer) -> None:
     client = redis.Redis(host=clean_redis.host, port=clean_redis.port)
-    with pytest.raises(ConfigurationError, match="needs a redis.Redis or a redis.asyncio.Redis"):
+    with pytest.raises(ConfigurationError, match=r"needs a redis\.Redis or a redis\.asyncio\.Redis"):
         Resilience(object())  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="deadline must be > 0"):
         Resilience(client, deadline=-1)

@@ -1,0 +1,282 @@
+"""Spans, span events and metrics, checked with the SDK's in-memory exporter and reader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from opentelemetry import context as otel_context
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from otel_redis_resilience import BreakerPolicy, RedisUnavailable, Resilience, RetryPolicy, set_testing
+from tests.infra import FaultProxy, RedisServer
+from tests.support import Runner
+
+
+class Otel:
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.tp = TracerProvider()
+        self.tp.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.reader = InMemoryMetricReader()
+        self.mp = MeterProvider(metric_readers=[self.reader])
+        self.tracer = self.tp.get_tracer("test")
+
+    def spans(self, name: str | None = None) -> list[ReadableSpan]:
+        return [s for s in self.exporter.get_finished_spans() if name is None or s.name == name]
+
+    def points(self, metric: str) -> list[tuple[dict[str, Any], Any]]:
+        data = self.reader.get_metrics_data()
+        out = []
+        for rm in data.resource_metrics if data else ():
+            for sm in rm.scope_metrics:
+                for m in sm.metrics:
+                    if m.name == metric:
+                        for p in m.data.data_points:
+                            out.append((dict(p.attributes), p))
+        return out
+
+
+@pytest.fixture
+def otel() -> Otel:
+    return Otel()
+
+
+@pytest.fixture(params=["sync", "async"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def testing_mode() -> Iterator[None]:
+    set_testing(True)
+    yield
+    set_testing(False)
+
+
+def runner(mode: str, otel: Otel, host: str, port: int, **kw: Any) -> Runner:
+    return Runner(mode, host, port, tracer_provider=otel.tp, meter_provider=otel.mp, **kw)
+
+
+def events(span: ReadableSpan, name: str) -> list[dict[str, Any]]:
+    return [dict(e.attributes or {}) for e in span.events if e.name == name]
+
+
+def test_span_per_operation_with_db_conventions(mode: str, otel: Otel, clean_redis: RedisServer) -> None:
+    r = runner(mode, otel, clean_redis.host, clean_redis.port, capture_statement=True)
+    try:
+        with otel.tracer.start_as_current_span("request") as parent:
+            r.call("set", "secret-key", "secret-value")
+            r.pipeline(lambda p: p.get("a").incr("b"), transaction=False)
+            r.pipeline(lambda p: p.incr("b").incr("b"), transaction=True)
+            with pytest.raises(redis.ResponseError):
+                r.call("lpush", "secret-key", "x")
+        (set_span,) = otel.spans("SET")
+        assert set_span.kind is SpanKind.CLIENT
+        assert set_span.parent is not None
+        assert set_span.parent.span_id == parent.get_span_context().span_id
+        a = dict(set_span.attributes or {})
+        assert a["db.system.name"] == "redis"
+        assert a["db.operation.name"] == "SET"
+        assert a["db.namespace"] == "0"
+        assert a["server.address"] == clean_redis.host
+        assert a["server.port"] == clean_redis.port
+        assert a["redis.resilience.attempts"] == 1
+        assert a["redis.resilience.outcome"] == "ok"
+        assert a["redis.resilience.breaker.state"] == "closed"
+        assert a["db.query.text"] == "SET ? ?"  # opted in, and sanitised
+        (pipe,) = otel.spans("PIPELINE")
+        assert pipe.attributes is not None
+        assert pipe.attributes["db.operation.batch.size"] == 2
+        assert pipe.attributes["db.query.text"] == "GET ?; INCRBY ? ?"
+        (multi,) = otel.spans("MULTI")
+        assert multi.attributes is not None
+        assert multi.attributes["db.operation.batch.size"] == 2
+        (bad,) = otel.spans("LPUSH")
+        assert bad.status.status_code is StatusCode.ERROR
+        assert bad.attributes is not None
+        assert bad.attributes["error.type"] == "WRONGTYPE"
+        assert bad.attributes["db.response.status_code"] == "WRONGTYPE"
+        assert bad.attributes["redis.resilience.outcome"] == "error"
+        # Never a key or a value anywhere.
+        for span in otel.spans():
+            text = repr(span.attributes) + repr([e.attributes for e in span.events])
+            assert "secret" not in text
+        # The request summary landed on the parent ("server") span. Each r.call()
+        # is its own scope here, so it describes the last one: the LPUSH.
+        (req,) = otel.spans("request")
+        assert req.attributes is not None
+        assert req.attributes["redis.resilience.operations"] == 1
+        assert req.attributes["redis.resilience.degraded"] is False
+    finally:
+        r.close()
+
+
+def test_no_statement_unless_opted_in(otel: Otel, clean_redis: RedisServer) -> None:
+    r = runner("sync", otel, clean_redis.host, clean_redis.port)
+    try:
+        r.call("get", "k")
+        (span,) = otel.spans("GET")
+        assert "db.query.text" not in (span.attributes or {})
+    finally:
+        r.close()
+
+
+def test_retries_transitions_rejections_and_metrics(
+    mode: str, otel: Otel, redis_server: RedisServer, proxy: FaultProxy, testing_mode: None
+) -> None:
+    r = runner(
+        mode,
+        otel,
+        proxy.host,
+        proxy.port,
+        retry=RetryPolicy(attempt_timeout=0.1, max_attempts=2),
+        breaker=BreakerPolicy(failure_threshold=3, probe_interval=0.05, half_open_max_calls=1),
+    )
+    try:
+        r.call("get", "k")
+        redis_server.kill()
+        with otel.tracer.start_as_current_span("request"):
+            with pytest.raises(RedisUnavailable):
+                r.call("get", "k")  # 2 failed attempts, 1 retry
+            with pytest.raises(RedisUnavailable):
+                r.call("get", "k")  # 3rd failure opens the breaker
+            with pytest.raises(RedisUnavailable):
+                r.call("get", "k")  # rejected
+        failed, opened, rejected = otel.spans("GET")[1:4]
+        assert failed.attributes is not None
+        assert failed.attributes["redis.resilience.outcome"] == "failed"
+        assert failed.attributes["redis.resilience.attempts"] == 2
+        assert failed.status.status_code is StatusCode.ERROR
+        (retry,) = events(failed, "redis.resilience.retry")
+        assert retry["redis.resilience.attempt"] == 1
+        assert retry["redis.resilience.delay"] == 0.0  # testing mode
+        assert retry["error.type"].endswith("ConnectionError")
+        (moved,) = events(opened, "redis.resilience.breaker.transition")
+        assert moved == {
+            "redis.resilience.breaker.previous_state": "closed",
+            "redis.resilience.breaker.state": "open",
+            "redis.resilience.reason": "consecutive_failures",
+        }
+        assert rejected.attributes is not None
+        assert rejected.attributes["redis.resilience.outcome"] == "rejected"
+        assert rejected.attributes["redis.resilience.attempts"] == 0
+        assert rejected.attributes["redis.resilience.breaker.state"] == "open"
+        assert events(rejected, "redis.resilience.rejected") == [{"redis.resilience.reason": "breaker_open"}]
+        (req,) = otel.spans("request")
+        assert req.attributes is not None
+        assert req.attributes["redis.resilience.degraded"] is True
+
+        redis_server.restart()
+        assert r.wait_for(lambda: r.res.breaker_state.value == "half_open", 5.0)
+        r.call("get", "k")
+        assert r.res.breaker_state.value == "closed"
+
+        server = {"server.address": proxy.host, "server.port": proxy.port}
+        states = {a["state"]: p.value for a, p in otel.points("redis.resilience.breaker.state")}
+        assert states == {"closed": 1, "open": 0, "half_open": 0}
+        trans = {
+            (a["previous_state"], a["state"]): p.value
+            for a, p in otel.points("redis.resilience.breaker.transitions")
+        }
+        assert trans == {("closed", "open"): 1, ("open", "half_open"): 1, ("half_open", "closed"): 1}
+        (rej,) = otel.points("redis.resilience.rejections")
+        assert rej[0] == {"reason": "breaker_open", **server}
+        retries = otel.points("redis.resilience.retries")
+        assert retries[0][0]["db.operation.name"] == "GET"
+        assert retries[0][0]["error.type"].endswith("ConnectionError")
+        durations = otel.points("db.client.operation.duration")
+        ok = [p for a, p in durations if "error.type" not in a]
+        bad = [a for a, p in durations if "error.type" in a]
+        assert sum(p.count for p in ok) == 2
+        assert all(a["db.system.name"] == "redis" and a["db.operation.name"] == "GET" for a in bad)
+        assert ok[0].explicit_bounds[:3] == (0.001, 0.005, 0.01)
+    finally:
+        r.close()
+
+
+def test_fallback_event_and_metric(mode: str, otel: Otel, redis_server: RedisServer) -> None:
+    r = runner(mode, otel, redis_server.host, redis_server.port)
+    try:
+        redis_server.kill()
+        with otel.tracer.start_as_current_span("request"):
+            if r.loop is None:
+                with r.res.request() as h:
+                    assert h.miss_on_outage().get("k") is None
+            else:
+
+                async def go() -> None:
+                    async with r.res.request() as h:
+                        assert await h.miss_on_outage().get("k") is None
+
+                r.loop.run_until_complete(go())
+        (req,) = otel.spans("request")
+        assert events(req, "redis.resilience.fallback") == [
+            {"redis.resilience.fallback.kind": "miss", "redis.resilience.reason": "retries_exhausted"}
+        ]
+        assert req.attributes is not None
+        assert req.attributes["redis.resilience.fallbacks"] == 1
+        assert req.attributes["redis.resilience.degraded"] is True
+        ((attrs, point),) = otel.points("redis.resilience.fallbacks")
+        assert attrs["kind"] == "miss"
+        assert attrs["reason"] == "retries_exhausted"
+        assert point.value == 1
+    finally:
+        r.close()
+
+
+def test_suppress_instrumentation_is_respected(otel: Otel, clean_redis: RedisServer) -> None:
+    r = runner("sync", otel, clean_redis.host, clean_redis.port)
+    try:
+        token = otel_context.attach(otel_context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+        try:
+            r.call("get", "k")
+        finally:
+            otel_context.detach(token)
+        assert otel.spans("GET") == []
+    finally:
+        r.close()
+
+
+def test_exporter_failure_never_breaks_a_call(clean_redis: RedisServer) -> None:
+    class Exploding(InMemorySpanExporter):
+        def export(self, spans: Any) -> Any:
+            raise RuntimeError("collector down")
+
+    tp = TracerProvider()
+    tp.add_span_processor(SimpleSpanProcessor(Exploding()))
+    res = Resilience(redis.Redis(host=clean_redis.host, port=clean_redis.port), tracer_provider=tp)
+    with res.request() as h:
+        assert h.set("k", "v") is True
+        assert h.get("k") == b"v"
+
+
+def test_nests_with_contrib_redis_instrumentor(otel: Otel, clean_redis: RedisServer) -> None:
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    instrumentor = RedisInstrumentor()
+    instrumentor.instrument(tracer_provider=otel.tp)
+    try:
+        res = Resilience(redis.Redis(host=clean_redis.host, port=clean_redis.port), tracer_provider=otel.tp)
+        with res.request() as h:
+            h.get("k")
+    finally:
+        instrumentor.uninstrument()
+    ours = [
+        s
+        for s in otel.spans()
+        if s.instrumentation_scope and s.instrumentation_scope.name == "otel_redis_resilience"
+    ]
+    theirs = [s for s in otel.spans() if s not in ours]
+    assert len(ours) == 1
+    assert len(theirs) == 1  # one attempt, one contrib span, nested under our logical operation
+    assert theirs[0].parent is not None
+    assert theirs[0].parent.span_id == ours[0].context.span_id

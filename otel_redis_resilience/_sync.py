@@ -11,8 +11,8 @@ import redis.client
 
 from ._context import CURRENT_ATTEMPT, Attempt
 from ._engine import RERAISE, Core, Operation
-from ._errors import ConfigurationError
-from ._fallback import MISS, NORMAL, STALE, recover, remember
+from ._fallback import STALE, recover, remember
+from ._handle import HandleBase, make_class, pipeline_operation
 from ._safety import command_name
 from ._scope import RequestScope
 
@@ -43,7 +43,7 @@ def run_sync(op: Operation, call: Callable[[], T]) -> T:
         return result
 
 
-class SyncHandle(redis.Redis):
+class SyncHandle(HandleBase, redis.Redis):
     """The request-scoped resilient handle for a sync client.
 
     It is the client itself, seen through one request: every redis-py command
@@ -54,8 +54,6 @@ class SyncHandle(redis.Redis):
 
     _orr_core: Core
     _orr_scope: RequestScope | None
-    _orr_mode: int = NORMAL
-    _orr_pipeline_cls: type
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
         base: Callable[..., Any] = super().execute_command
@@ -73,49 +71,15 @@ class SyncHandle(redis.Redis):
             remember(core.lkg, name, args, options, result)
         return result
 
-    def miss_on_outage(self) -> Any:
-        """A view of this handle whose reads answer as cache misses (None, empty) when Redis is unavailable.
-
-        For cache-aside code: an outage then looks like a miss and the caller
-        goes to the source of truth. Writes and error replies still raise.
-        """
-        return self._orr_view(MISS)
-
-    def last_known_good(self) -> Any:
-        """A view whose reads serve the last successful reply of the same command when Redis is unavailable.
-
-        Needs ``Resilience(last_known_good=LastKnownGoodPolicy(...))``. A read
-        with nothing remembered answers as a miss. Stale replies are marked on
-        the span (``redis.resilience.stale``) and counted as fallbacks of kind
-        ``last_known_good``.
-        """
-        if self._orr_core.lkg is None:
-            raise ConfigurationError(
-                "last_known_good() needs Resilience(..., last_known_good=LastKnownGoodPolicy(...))"
-            )
-        return self._orr_view(STALE)
-
-    def _orr_view(self, mode: int) -> Any:
-        view: Any = object.__new__(type(self))
-        view.__dict__.update(self.__dict__)
-        view._orr_mode = mode
-        return view
-
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        pipe: Any = super().pipeline(transaction, shard_hint)
-        pipe.__class__ = _pipeline_class(type(pipe))
-        pipe._orr_core = self._orr_core
-        pipe._orr_scope = self._orr_scope
-        return pipe
+        pipe = super().pipeline(transaction, shard_hint)
+        return self._orr_adopt(pipe, make_class(_pipeline_classes, PIPELINE_HOOKS, type(pipe)))
 
     def close(self) -> None:
         """Does nothing: the handle does not own the client or its pool."""
 
     def __del__(self) -> None:
         pass
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} for {self._orr_core.endpoint}>"
 
 
 class SyncPipelineHooks:
@@ -129,11 +93,10 @@ class SyncPipelineHooks:
     watching: bool
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
-        stack = self.command_stack
-        if not stack and not self.watching:
+        planned = pipeline_operation(self, bool(self.transaction or self.explicit_transaction))
+        if planned is None:
             return []
-        snapshot = list(stack)
-        transaction = bool(self.transaction or self.explicit_transaction)
+        op, snapshot = planned
         base = super().execute  # type: ignore[misc]
 
         def call() -> list[Any]:
@@ -141,17 +104,6 @@ class SyncPipelineHooks:
             self.command_stack = list(snapshot)
             return base(raise_on_error)  # type: ignore[no-any-return]
 
-        op = Operation(
-            self._orr_core,
-            self._orr_scope,
-            "MULTI" if transaction else "PIPELINE",
-            (),
-            pipeline=snapshot,
-            transaction=transaction,
-            # After WATCH the pipeline is bound to one connection: a retry on
-            # another one would silently drop the WATCH.
-            retryable=not self.watching,
-        )
         return run_sync(op, call)
 
     def immediate_execute_command(self, *args: Any, **options: Any) -> Any:
@@ -161,25 +113,12 @@ class SyncPipelineHooks:
 
 
 _pipeline_classes: dict[type, type] = {}
-
-
-def _pipeline_class(cls: type) -> type:
-    found = _pipeline_classes.get(cls)
-    if found is None:
-        found = type(f"Resilient{cls.__name__}", (SyncPipelineHooks, cls), {"__module__": __name__})
-        _pipeline_classes[cls] = found
-    return found
-
-
 _handle_classes: dict[type, type] = {}
+PIPELINE_HOOKS = SyncPipelineHooks
 
 
 def handle_class(client_cls: type) -> type:
-    """The handle class for a client class (a user subclass of ``redis.Redis`` keeps its methods)."""
+    """The handle class for a client class (a user subclass keeps its own methods)."""
     if client_cls is redis.Redis:
         return SyncHandle
-    found = _handle_classes.get(client_cls)
-    if found is None:
-        found = type(f"Resilient{client_cls.__name__}", (SyncHandle, client_cls), {"__module__": __name__})
-        _handle_classes[client_cls] = found
-    return found
+    return make_class(_handle_classes, SyncHandle, client_cls)

@@ -1,0 +1,88 @@
+"""What the sync and async handles share: views, pipelines' operation set-up. No I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ._engine import Core, Operation
+from ._errors import ConfigurationError
+from ._fallback import MISS, NORMAL, STALE
+from ._scope import RequestScope
+
+
+class HandleBase:
+    """Mixed into both handle classes, ahead of the redis-py client class."""
+
+    _orr_core: Core
+    _orr_scope: RequestScope | None
+    _orr_mode: int = NORMAL
+
+    def miss_on_outage(self) -> Any:
+        """A view of this handle whose reads answer as cache misses (None, empty) when Redis is unavailable.
+
+        For cache-aside code: an outage then looks like a miss and the caller
+        goes to the source of truth. Writes and error replies still raise.
+        """
+        return self._orr_view(MISS)
+
+    def last_known_good(self) -> Any:
+        """A view whose reads serve the last successful reply of the same command when Redis is unavailable.
+
+        Needs ``Resilience(last_known_good=LastKnownGoodPolicy(...))``. A read
+        with nothing remembered answers as a miss. Stale replies are marked on
+        the span (``redis.resilience.stale``) and counted as fallbacks of kind
+        ``last_known_good``.
+        """
+        if self._orr_core.lkg is None:
+            raise ConfigurationError(
+                "last_known_good() needs Resilience(..., last_known_good=LastKnownGoodPolicy(...))"
+            )
+        return self._orr_view(STALE)
+
+    def _orr_view(self, mode: int) -> Any:
+        view: Any = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view._orr_mode = mode
+        return view
+
+    def _orr_adopt(self, pipe: Any, pipeline_class: type) -> Any:
+        """Turn a redis-py pipeline made by the client into one that runs as a single operation."""
+        pipe.__class__ = pipeline_class
+        pipe._orr_core = self._orr_core
+        pipe._orr_scope = self._orr_scope
+        return pipe
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} for {self._orr_core.endpoint}>"
+
+
+def pipeline_operation(
+    pipe: Any, transaction: bool
+) -> tuple[Operation, list[tuple[Sequence[Any], Any]]] | None:
+    """The operation for a pipeline's ``execute()``, and a snapshot of its commands (None: nothing to do)."""
+    stack = pipe.command_stack
+    if not stack and not pipe.watching:
+        return None
+    snapshot = list(stack)
+    op = Operation(
+        pipe._orr_core,
+        pipe._orr_scope,
+        "MULTI" if transaction else "PIPELINE",
+        (),
+        pipeline=snapshot,
+        transaction=transaction,
+        # After WATCH the pipeline is bound to one connection: a retry on
+        # another one would silently drop the WATCH.
+        retryable=not pipe.watching,
+    )
+    return op, snapshot
+
+
+def make_class(cache: dict[type, type], mixin: type, base: type) -> type:
+    """A cached subclass of ``base`` with ``mixin`` in front."""
+    found = cache.get(base)
+    if found is None:
+        found = type(f"Resilient{base.__name__}", (mixin, base), {"__module__": mixin.__module__})
+        cache[base] = found
+    return found

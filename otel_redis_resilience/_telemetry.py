@@ -45,6 +45,7 @@ SCHEMA_URL = "https://opentelemetry.io/schemas/1.28.0"
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
 
 _STATES = (BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN)
+_SEVERITY = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 _OUTCOMES_DEGRADED = frozenset({"rejected", "failed", "deadline_exceeded"})
 
 
@@ -112,16 +113,23 @@ class _Instruments:
         self.meter = meter
 
     def _observe_state(self, options: CallbackOptions) -> Iterable[Observation]:
-        out = []
+        # Several Resilience objects may guard one endpoint (a sync and an async
+        # client, two databases): report the worst state per endpoint, since an
+        # identical attribute set can carry only one value and an open breaker
+        # must never be hidden by a closed one.
+        worst: dict[tuple[Any, ...], tuple[int, dict[str, Any]]] = {}
         for member in list(self.members):
             state_fn = member.state_source
             if state_fn is None:
                 continue
-            current = state_fn()
+            rank = _SEVERITY[state_fn()]
+            key = tuple(sorted(member.server_attrs.items()))
+            if key not in worst or rank > worst[key][0]:
+                worst[key] = (rank, member.server_attrs)
+        out = []
+        for rank, attrs in worst.values():
             for state in _STATES:
-                out.append(
-                    Observation(1 if state is current else 0, {"state": state.value, **member.server_attrs})
-                )
+                out.append(Observation(1 if _SEVERITY[state] == rank else 0, {"state": state.value, **attrs}))
         return out
 
 

@@ -280,3 +280,14 @@ def test_nests_with_contrib_redis_instrumentor(otel: Otel, clean_redis: RedisSer
     assert len(theirs) == 1  # one attempt, one contrib span, nested under our logical operation
     assert theirs[0].parent is not None
     assert theirs[0].parent.span_id == ours[0].context.span_id
+
+
+def test_state_gauge_reports_the_worst_breaker_of_an_endpoint(otel: Otel, clean_redis: RedisServer) -> None:
+    a = Resilience(redis.Redis(host=clean_redis.host, port=clean_redis.port), meter_provider=otel.mp)
+    b = Resilience(redis.Redis(host=clean_redis.host, port=clean_redis.port, db=1), meter_provider=otel.mp)
+    for opened in (b, a):
+        opened.force_open()
+        states = {attrs["state"]: p.value for attrs, p in otel.points("redis.resilience.breaker.state")}
+        assert states == {"closed": 0, "open": 1, "half_open": 0}
+        opened.reset()
+    assert a.breaker_state is b.breaker_state

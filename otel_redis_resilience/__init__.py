@@ -14,15 +14,24 @@ from ._events import (
     RetryScheduled,
 )
 from ._fallback import LastKnownGoodPolicy
+from ._journal import JournalCorruptError, JournalError, JournalFullError
 from ._resilience import RequestContext, Resilience
 from ._safety import IDEMPOTENT_WRITES, READ_COMMANDS
 from ._scope import NoActiveRequest, RequestScope, current_redis, current_scope
 from ._testing import is_testing, set_testing
+from ._writebehind import Journaled, WriteBehindConfig, WriteBehindError
 
 __version__ = "0.1.0"
 
 # Telemetry and tracebacks name the public path, not the private module.
-for _obj in (RedisUnavailable, ConfigurationError, NoActiveRequest, BreakerState):
+for _obj in (
+    RedisUnavailable,
+    ConfigurationError,
+    NoActiveRequest,
+    BreakerState,
+    Journaled,
+    JournalFullError,
+):
     _obj.__module__ = __name__
 del _obj
 
@@ -38,6 +47,10 @@ __all__ = [
     "Event",
     "FallbackUsed",
     "Hook",
+    "JournalCorruptError",
+    "JournalError",
+    "JournalFullError",
+    "Journaled",
     "LastKnownGoodPolicy",
     "NoActiveRequest",
     "OperationFinished",
@@ -48,6 +61,8 @@ __all__ = [
     "RetryPolicy",
     "RetryScheduled",
     "Transition",
+    "WriteBehindConfig",
+    "WriteBehindError",
     "current_redis",
     "current_scope",
     "is_testing",

@@ -11,10 +11,12 @@ import redis.asyncio
 
 from ._context import CURRENT_ATTEMPT, Attempt
 from ._engine import RERAISE, Core, Operation
-from ._fallback import STALE, recover, remember
+from ._errors import RedisUnavailable
+from ._fallback import STALE, WRITE_BEHIND, recover, remember
 from ._handle import HandleBase, make_class, pipeline_operation
 from ._safety import command_name
 from ._scope import RequestScope
+from ._writebehind import may_journal_after, write_key
 
 T = TypeVar("T")
 _monotonic = time.monotonic
@@ -68,6 +70,8 @@ class AsyncHandle(HandleBase, redis.asyncio.Redis):  # type: ignore[misc]  # red
         if not mode:
             return await run_async(op, lambda: base(*args, **options))
         core = self._orr_core
+        if mode == WRITE_BEHIND:
+            return await self._orr_write_behind(op, name, args, lambda: base(*args, **options))
         try:
             result = await run_async(op, lambda: base(*args, **options))
         except Exception as exc:
@@ -75,6 +79,27 @@ class AsyncHandle(HandleBase, redis.asyncio.Redis):  # type: ignore[misc]  # red
         if mode == STALE:
             remember(core.lkg, name, args, options, result)
         return result
+
+    async def _orr_write_behind(
+        self, op: Operation, name: str, args: Any, call: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        wb = self._orr_core.write_behind
+        assert wb is not None
+        key = write_key(name, args)
+        if key is None:
+            return await run_async(op, call)
+        # A WAL read never waits for writers: cheap enough to run on the loop.
+        if wb.must_queue(key):
+            # The append fsyncs: keep it off the event loop.
+            return await asyncio.to_thread(wb.append, key, args, "queued_behind", self._orr_scope)
+        try:
+            return await run_async(op, call)
+        except RedisUnavailable as exc:
+            if not may_journal_after(exc, name):
+                raise
+            journaled = await asyncio.to_thread(wb.append, key, args, exc.reason, self._orr_scope)
+        wb.kick()
+        return journaled
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
         pipe = super().pipeline(transaction, shard_hint)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ._fallback import LastKnownGood
     from ._scope import RequestScope
     from ._telemetry import Telemetry
+    from ._writebehind import WriteBehind
 
 #: ``Operation.failed`` returns this to tell the driver to re-raise the original error.
 RERAISE = -1.0
@@ -62,6 +63,8 @@ class Core:
         self.start_probe: Any = None
         #: The last-known-good store, when enabled.
         self.lkg: LastKnownGood | None = None
+        #: The write-behind journal and replayer, when enabled.
+        self.write_behind: WriteBehind | None = None
 
     # Called with the lock held, after any breaker method that may have moved.
     def _drain_locked(self) -> list[Any] | None:
@@ -78,6 +81,8 @@ class Core:
         self.telemetry.transitions(moved)
         if moved[-1].new is BreakerState.OPEN:
             self.maybe_probe()
+        elif moved[-1].new is BreakerState.CLOSED and self.write_behind is not None:
+            self.write_behind.kick()
 
     def maybe_probe(self) -> None:
         if self.start_probe is None:
@@ -120,6 +125,8 @@ class Core:
     def after_fork(self) -> None:
         self.lock = threading.Lock()
         self.breaker.after_fork()
+        if self.write_behind is not None:
+            self.write_behind.after_fork()
 
 
 class Operation:

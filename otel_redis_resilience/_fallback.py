@@ -241,7 +241,7 @@ MISSING = _MISSING
 
 
 #: Handle modes (a class attribute on plain handles, set on views).
-NORMAL, MISS, STALE = 0, 1, 2
+NORMAL, MISS, STALE, WRITE_BEHIND = 0, 1, 2, 3
 
 
 def lkg_key(args: Sequence[Any], options: dict[str, Any]) -> tuple[Any, ...] | None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from ._engine import Core, Operation
 from ._errors import ConfigurationError
-from ._fallback import MISS, NORMAL, STALE
+from ._fallback import MISS, NORMAL, STALE, WRITE_BEHIND
 from ._scope import RequestScope
 
 
@@ -39,6 +39,26 @@ class HandleBase:
                 "last_known_good() needs Resilience(..., last_known_good=LastKnownGoodPolicy(...))"
             )
         return self._orr_view(STALE)
+
+    def write_behind(self) -> Any:
+        """A view whose writes are applied now when Redis is healthy and journaled when it is not.
+
+        Needs ``Resilience(write_behind=WriteBehindConfig(directory=...))``. Each
+        single-key write returns its usual reply when applied, or a
+        :class:`Journaled` (with the entry id and why) when it was journaled: the
+        breaker is open, Redis is unavailable, the deadline is spent, or earlier
+        writes to the same key are still waiting (a new write queues behind them,
+        never overtakes them). Journaled writes are replayed in order, exactly
+        once, when the breaker closes. A non-idempotent write whose outcome is
+        unknown (sent, no reply) is not journaled, since replaying it could apply
+        it twice: it raises ``RedisUnavailable(outcome_unknown=True)``. Reads pass
+        through as on the plain handle.
+        """
+        if self._orr_core.write_behind is None:
+            raise ConfigurationError(
+                "write_behind() needs Resilience(..., write_behind=WriteBehindConfig(directory=...))"
+            )
+        return self._orr_view(WRITE_BEHIND)
 
     def _orr_view(self, mode: int) -> Any:
         view: Any = object.__new__(type(self))

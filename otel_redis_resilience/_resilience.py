@@ -29,6 +29,7 @@ from ._events import Endpoint, Hook
 from ._fallback import _MISSING, LastKnownGood, LastKnownGoodPolicy, make_fallback_decorator
 from ._scope import RequestScope, enter, leave
 from ._telemetry import Telemetry
+from ._writebehind import WriteBehind, WriteBehindConfig
 
 logger = logging.getLogger("otel_redis_resilience")
 
@@ -79,7 +80,11 @@ class Resilience:
         capture_statement: Record ``db.query.text`` on spans, sanitised
             (``SET ? ?``: never a key or a value).
         last_known_good: Keep a bounded in-process copy of recent successful
-            reads, served by :meth:`last_known_good` views while Redis is down.
+            reads, served by ``handle.last_known_good()`` views while Redis is down.
+        write_behind: Enable the durable write-behind journal for
+            ``handle.write_behind()`` views. The journal is opened (and checked)
+            here: a corrupt or unreadable journal raises ``JournalCorruptError``
+            now, and one left by a crashed process is adopted and replayed.
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class Resilience:
         hooks: Sequence[Hook] = (),
         capture_statement: bool = False,
         last_known_good: LastKnownGoodPolicy | None = None,
+        write_behind: WriteBehindConfig | None = None,
     ) -> None:
         if isinstance(client, redis.asyncio.Redis):
             self._is_async = True
@@ -138,6 +144,14 @@ class Resilience:
                 )
             self._core.lkg = LastKnownGood(last_known_good)
         _all_cores.add(self._core)
+        if write_behind is not None:
+            if not isinstance(write_behind, WriteBehindConfig):
+                raise ConfigurationError(
+                    f"Resilience(write_behind=...) must be a WriteBehindConfig, got {write_behind!r}"
+                )
+            self._core.write_behind = WriteBehind(write_behind, self._core, client, is_async=self._is_async)
+            if not self._is_async:
+                self._core.write_behind.kick()
         self._handle_cls = (_async.handle_class if self._is_async else _sync.handle_class)(type(client))
         self._probe_task: asyncio.Task[None] | None = None
         self._probe_thread: threading.Thread | None = None
@@ -166,6 +180,17 @@ class Resilience:
         return self._core.breaker.state
 
     # -- public API ---------------------------------------------------------------
+
+    @property
+    def write_behind_journal(self) -> Any:
+        """The write-behind :class:`Journal` (``pending_count()``, ``dead_entries()``...), or None."""
+        wb = self._core.write_behind
+        return None if wb is None else wb.journal
+
+    def replay_now(self) -> None:
+        """Ask the write-behind replayer to run now (it also runs by itself when the breaker closes)."""
+        if self._core.write_behind is not None:
+            self._core.write_behind.kick()
 
     @property
     def is_async(self) -> bool:
@@ -218,6 +243,8 @@ class Resilience:
     def close(self) -> None:
         """Stop the background probe. Does not close the client (you own it)."""
         self._closed = True
+        if self._core.write_behind is not None:
+            self._core.write_behind.close()
         task = self._probe_task
         if task is not None and not task.done():
             task.get_loop().call_soon_threadsafe(task.cancel)
@@ -305,6 +332,9 @@ class RequestContext(Generic[H]):
         scope = RequestScope(None if deadline is None else time.monotonic() + deadline)
         scope.handle = self._res.handle(scope)
         self._scope = scope
+        wb = self._res._core.write_behind
+        if wb is not None and wb.needs_start:
+            wb.kick()
         enter(scope)
         return scope.handle
 

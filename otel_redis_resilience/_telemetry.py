@@ -108,9 +108,35 @@ class _Instruments:
             unit="{state}",
             description="Circuit breaker state: 1 for the current state, 0 for the others.",
         )
-        #: Extra observable sources (the write-behind journal registers here).
-        self.gauges: dict[str, Any] = {}
+        self.writebehind_replayed = meter.create_counter(
+            "redis.resilience.writebehind.replayed",
+            unit="{entry}",
+            description="Write-behind journal entries replayed to Redis (applied, or found already applied).",
+        )
+        self.writebehind_rejected = meter.create_counter(
+            "redis.resilience.writebehind.rejected",
+            unit="{entry}",
+            description="Write-behind writes refused because the journal was full.",
+        )
+        #: Write-behind journals, for the queue-size gauge.
+        self.writebehind_sources: weakref.WeakSet[Any] = weakref.WeakSet()
+        meter.create_observable_gauge(
+            "redis.resilience.writebehind.queue_size",
+            callbacks=[self._observe_queue],
+            unit="{entry}",
+            description="Write-behind journal entries waiting to be replayed.",
+        )
         self.meter = meter
+
+    def _observe_queue(self, options: CallbackOptions) -> Iterable[Observation]:
+        out = []
+        for source in list(self.writebehind_sources):
+            try:
+                size = source.journal.pending_count()
+            except Exception:
+                continue
+            out.append(Observation(size, source.core.telemetry.server_attrs))
+        return out
 
     def _observe_state(self, options: CallbackOptions) -> Iterable[Observation]:
         # Several Resilience objects may guard one endpoint (a sync and an async
@@ -400,6 +426,34 @@ class Telemetry:
         )
         if self.hooks:
             self._emit(FallbackUsed(self.endpoint, operation, kind, reason))
+
+    def journaled(self, operation: str, reason: str, scope: RequestScope | None) -> None:
+        """A write was journaled for write-behind instead of applied now."""
+        self.fallback(operation, "write_behind", reason, scope)
+
+    def replayed(self, totals: Any) -> None:
+        """A write-behind replay batch ran (background: its own span)."""
+        tracer = self._get_tracer()
+        if tracer is None:
+            return
+        try:
+            span = tracer.start_span("redis.resilience.writebehind.replay", kind=SpanKind.INTERNAL)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        **self._span_base,
+                        "redis.resilience.writebehind.applied": totals.applied,
+                        "redis.resilience.writebehind.duplicates": totals.duplicates,
+                        "redis.resilience.writebehind.dead": totals.dead,
+                        "redis.resilience.writebehind.remaining": totals.remaining,
+                    }
+                )
+                if totals.error is not None:
+                    span.set_attribute("error.type", error_type(totals.error))
+                    span.set_status(Status(StatusCode.ERROR, type(totals.error).__name__))
+            span.end()
+        except Exception:
+            _log_telemetry_failure()
 
     @staticmethod
     def summarize(scope: RequestScope) -> None:

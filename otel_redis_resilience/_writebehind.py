@@ -1,0 +1,233 @@
+"""Write-behind: writes made during an outage are journaled durably and replayed exactly once.
+
+The decisions (may this command be written behind? apply now or journal?) are
+pure functions here; the sync and async handles only do the I/O. Replay runs in
+the background (a thread for sync clients, a task for asyncio) once the breaker
+is closed, through :mod:`._replay`, which applies each entry together with a
+marker of its id in one Lua step so an interrupted replay never applies twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._context import CURRENT_ATTEMPT, Attempt
+from ._errors import RedisUnavailable
+from ._journal import Journal, JournalConfig, JournalFullError
+from ._replay import ReplayTotals, replay_all_async, replay_all_sync
+from ._safety import IDEMPOTENT_WRITES, READ_COMMANDS
+
+if TYPE_CHECKING:
+    from ._engine import Core
+
+logger = logging.getLogger("otel_redis_resilience")
+
+#: The configuration of the write-behind journal (see :class:`JournalConfig`).
+WriteBehindConfig = JournalConfig
+
+#: Single-key write commands that can be written behind (the key is the first argument).
+WRITE_BEHIND_COMMANDS: frozenset[str] = frozenset(
+    """
+    SET SETEX PSETEX SETNX SETRANGE SETBIT APPEND INCR INCRBY INCRBYFLOAT DECR DECRBY GETDEL
+    LPUSH RPUSH LPUSHX RPUSHX LREM LSET LTRIM HSET HMSET HSETNX HDEL HINCRBY HINCRBYFLOAT
+    SADD SREM ZADD ZREM ZINCRBY ZREMRANGEBYSCORE ZREMRANGEBYLEX ZREMRANGEBYRANK
+    DEL UNLINK EXPIRE PEXPIRE EXPIREAT PEXPIREAT PERSIST XADD XDEL XTRIM PFADD GEOADD
+    """.split()
+)
+_MULTI_KEY_CAPABLE = frozenset({"DEL", "UNLINK"})
+
+#: Seconds one replay batch may take before it is abandoned (and retried later).
+_BATCH_DEADLINE = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Journaled:
+    """What a write-behind write returns when it was journaled instead of applied now.
+
+    Attributes:
+        entry_id: The journal entry's id (increasing across processes sharing the journal).
+        reason: Why: ``queued_behind`` (earlier writes to the same key are still pending),
+            or the :class:`RedisUnavailable` reason (``breaker_open``, ``retries_exhausted``,
+            ``deadline_exceeded``, ``budget_exhausted``).
+    """
+
+    entry_id: int
+    reason: str
+
+
+class WriteBehindError(RuntimeError):
+    """The write cannot be written behind (a multi-key or unsupported command)."""
+
+
+def write_key(name: str, args: Sequence[Any]) -> Any:
+    """The key a write-behind command writes; None for a read; else :class:`WriteBehindError`."""
+    if name in READ_COMMANDS:
+        return None
+    if name not in WRITE_BEHIND_COMMANDS:
+        raise WriteBehindError(
+            f"write_behind() takes single-key write commands; {name} is not one "
+            "(use the plain handle for reads, scripts and multi-key commands)"
+        )
+    if len(args) < 2 or (name in _MULTI_KEY_CAPABLE and len(args) > 2):
+        raise WriteBehindError(
+            f"write_behind() takes single-key writes; this {name} names {len(args) - 1} keys"
+        )
+    return args[1]
+
+
+def may_journal_after(exc: RedisUnavailable, name: str) -> bool:
+    """Whether a failed direct write may be journaled.
+
+    If it may already have been applied (sent, no reply) only an idempotent write
+    can be journaled: replaying a lost INCRBY whose first copy did run would count
+    it twice. Such a write raises instead, with ``outcome_unknown`` set.
+    """
+    return not exc.outcome_unknown or name in IDEMPOTENT_WRITES
+
+
+class WriteBehind:
+    """The journal of one ``Resilience`` and its background replayer."""
+
+    def __init__(self, config: JournalConfig, core: Core, client: Any, *, is_async: bool) -> None:
+        self.journal = Journal(config)
+        self.core = core
+        self.client = client
+        self.is_async = is_async
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._awake: asyncio.Event | None = None
+        self._closed = False
+        #: True until the replayer first started in this process: a journal left by a
+        #: crashed process is adopted and replayed as soon as a request scope opens.
+        self.needs_start = True
+        inst = core.telemetry.instruments
+        self._replayed = inst.writebehind_replayed
+        self._rejected = inst.writebehind_rejected
+        inst.writebehind_sources.add(self)
+
+    # -- enqueue (called by the handles) -------------------------------------------
+
+    def must_queue(self, key: Any) -> bool:
+        return self.journal.has_pending(key)
+
+    def append(self, key: Any, args: Sequence[Any], reason: str, scope: Any) -> Journaled:
+        try:
+            entry_id = self.journal.append(key, args)
+        except JournalFullError:
+            self._rejected.add(1, {"reason": "journal_full", **self.core.telemetry.server_attrs})
+            raise
+        self.core.telemetry.journaled(str(args[0]).upper(), reason, scope)
+        return Journaled(entry_id, reason)
+
+    # -- replay -------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Ask the replayer to run (after a write was journaled, or the breaker closed)."""
+        if self._closed:
+            return
+        self.needs_start = False
+        if self.is_async:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.needs_start = True
+                return
+            if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+                self._awake = asyncio.Event()
+                self._task = loop.create_task(self._run_async(), name="otel-redis-resilience-replay")
+            if self._awake is not None:
+                self._awake.set()
+            return
+        self._wake.set()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._run_sync, name="otel-redis-resilience-replay", daemon=True
+            )
+            self._thread.start()
+
+    def _ready(self) -> bool:
+        from ._breaker import BreakerState
+
+        return self.core.breaker.state is BreakerState.CLOSED
+
+    def _record(self, totals: ReplayTotals) -> None:
+        if totals.applied or totals.duplicates:
+            self._replayed.add(totals.applied + totals.duplicates, self.core.telemetry.server_attrs)
+        self.core.telemetry.replayed(totals)
+
+    def _idle_wait(self) -> float | None:
+        # While entries remain (another process holds the lease, or Redis failed
+        # again) look again after a lease period; otherwise sleep until kicked.
+        return self.journal.config.lease_seconds if self.journal.pending_count() else None
+
+    def _run_sync(self) -> None:
+        while not self._closed:
+            self._wake.wait(self._idle_wait())
+            self._wake.clear()
+            while not self._closed and self._ready() and self.journal.pending_count():
+                token = CURRENT_ATTEMPT.set(Attempt(time.monotonic() + _BATCH_DEADLINE))
+                try:
+                    totals = replay_all_sync(self.client, self.journal, max_batches=1)
+                except Exception:
+                    logger.exception("write-behind replay failed; will retry")
+                    break
+                finally:
+                    CURRENT_ATTEMPT.reset(token)
+                self._record(totals)
+                if totals.error is not None or not totals.lease_acquired or totals.batches == 0:
+                    break
+
+    async def _run_async(self) -> None:
+        awake = self._awake
+        assert awake is not None
+        while not self._closed:
+            wait = await asyncio.to_thread(self._idle_wait)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await awake.wait()
+            awake.clear()
+            while (
+                not self._closed
+                and self._ready()
+                and (await asyncio.to_thread(self.journal.pending_count)) > 0
+            ):
+                try:
+                    async with asyncio.timeout(_BATCH_DEADLINE):
+                        totals = await replay_all_async(self.client, self.journal, max_batches=1)
+                except Exception:
+                    logger.exception("write-behind replay failed; will retry")
+                    break
+                self._record(totals)
+                if totals.error is not None or not totals.lease_acquired or totals.batches == 0:
+                    break
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._awake is not None:
+            loop = self._task.get_loop() if self._task is not None else None
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._awake.set)
+        task = self._task
+        if task is not None and not task.done():
+            with contextlib.suppress(RuntimeError):
+                task.get_loop().call_soon_threadsafe(task.cancel)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=_BATCH_DEADLINE + 1)
+        self.journal.close()
+
+    def after_fork(self) -> None:
+        self._thread = None
+        self._task = None
+        self._awake = None
+        self._wake = threading.Event()
+        self.needs_start = True

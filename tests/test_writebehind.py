@@ -7,6 +7,7 @@ what was applied), real worker processes, real SIGKILLs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -59,6 +60,18 @@ def worker(mode: str, port: int, directory: Path, *extra: str) -> subprocess.Pop
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def drain(res: Resilience, timeout: float = 30.0) -> None:
+    """Keep nudging until the journal is empty: pings close the breaker, which starts the replayer."""
+    journal = res.write_behind_journal
+    deadline = time.monotonic() + timeout
+    while journal.pending_count() and time.monotonic() < deadline:
+        with contextlib.suppress(RedisUnavailable), res.request() as h:
+            h.ping()
+        res.replay_now()
+        time.sleep(0.05)
+    assert journal.pending_count() == 0
 
 
 class Expected:
@@ -206,30 +219,17 @@ def test_redis_killed_again_mid_replay_still_exactly_once(tmp_path: Path) -> Non
         # Let replay start and get part-way, then kill Redis under it.
         deadline = time.monotonic() + 60
         while journal.pending_count() > n * 0.6 and time.monotonic() < deadline:
-            try:
-                with res.request() as h:
-                    h.ping()  # closes the breaker once the probe saw Redis; closing starts the replayer
-            except RedisUnavailable:
-                pass
+            with contextlib.suppress(RedisUnavailable), res.request() as h:
+                h.ping()  # closes the breaker once the probe saw Redis; closing starts the replayer
             time.sleep(0.005)
         server.kill()
         remaining = journal.pending_count()
         assert 0 < remaining < n, remaining
         server.restart()
-        deadline = time.monotonic() + 90
-        while journal.pending_count() and time.monotonic() < deadline:
-            try:
-                with res.request() as h:
-                    h.ping()
-            except RedisUnavailable:
-                pass
-            res.replay_now()
-            time.sleep(0.05)
-        assert journal.pending_count() == 0
+        drain(res, timeout=90)
         present, duplicates = expected.check(server.client())
-        print(
-            f"\nmid-replay kill: {n} writes, {remaining} pending at the kill; present {present}; dups {duplicates}"
-        )
+        print(f"\nmid-replay kill: {n} writes, {remaining} pending at the kill; present {present}")
+        print(f"duplicates: {duplicates}")
         assert duplicates == 0
         res.close()
 
@@ -262,15 +262,7 @@ def test_healthy_writes_apply_now_and_queue_behind_pending(tmp_path: Path, redis
             assert isinstance(second, Journaled) or second == 2
         else:
             h.write_behind().rpush("l", "2")
-    deadline = time.monotonic() + 20
-    while journal.pending_count() and time.monotonic() < deadline:
-        with res.request() as h:
-            try:
-                h.ping()
-            except RedisUnavailable:
-                pass
-        res.replay_now()
-        time.sleep(0.05)
+    drain(res)
     assert redis_server.client().lrange("l", 0, -1) == [b"1", b"2"]
     res.close()
 
@@ -315,14 +307,7 @@ def test_full_journal_rejects_with_clear_error_and_keeps_everything(
             wb.rpush("l", "50")
     assert res.write_behind_journal.pending_count() == 50
     redis_server.restart()
-    deadline = time.monotonic() + 20
-    while res.write_behind_journal.pending_count() and time.monotonic() < deadline:
-        with res.request() as h:
-            try:
-                h.ping()
-            except RedisUnavailable:
-                pass
-        time.sleep(0.05)
+    drain(res)
     assert redis_server.client().lrange("l", 0, -1) == [str(i).encode() for i in range(50)]
     res.close()
 
@@ -363,11 +348,9 @@ async def test_async_write_behind_journals_and_replays(tmp_path: Path) -> None:
         journal = res.write_behind_journal
         deadline = time.monotonic() + 20
         while journal.pending_count() and time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(RedisUnavailable):
                 async with res.request() as h:
                     await h.ping()
-            except RedisUnavailable:
-                pass
             await asyncio.sleep(0.05)
         assert journal.pending_count() == 0
         assert server.client().get("n") == b"200"

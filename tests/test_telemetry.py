@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -291,3 +292,43 @@ def test_state_gauge_reports_the_worst_breaker_of_an_endpoint(otel: Otel, clean_
         assert states == {"closed": 0, "open": 1, "half_open": 0}
         opened.reset()
     assert a.breaker_state is b.breaker_state
+
+
+def test_write_behind_metrics_and_replay_span(otel: Otel, redis_server: RedisServer, tmp_path: Any) -> None:
+    import contextlib
+
+    from otel_redis_resilience import Journaled, JournalFullError, WriteBehindConfig
+
+    res = Resilience(
+        redis.Redis(host=redis_server.host, port=redis_server.port),
+        retry=RetryPolicy(attempt_timeout=0.2, max_attempts=1),
+        breaker=BreakerPolicy(failure_threshold=1, probe_interval=0.05, half_open_max_calls=1),
+        tracer_provider=otel.tp,
+        meter_provider=otel.mp,
+        write_behind=WriteBehindConfig(tmp_path / "j", max_entries=3, fsync="off"),
+    )
+    redis_server.kill()
+    with res.request() as h:
+        for i in range(3):
+            assert isinstance(h.write_behind().rpush("l", str(i)), Journaled)
+        with pytest.raises(JournalFullError):
+            h.write_behind().rpush("l", "3")
+    server = {"server.address": redis_server.host, "server.port": redis_server.port}
+    assert [(a, p.value) for a, p in otel.points("redis.resilience.writebehind.queue_size")] == [(server, 3)]
+    ((attrs, point),) = otel.points("redis.resilience.writebehind.rejected")
+    assert attrs == {"reason": "journal_full", **server}
+    assert point.value == 1
+    kinds = {a["kind"] for a, _ in otel.points("redis.resilience.fallbacks")}
+    assert kinds == {"write_behind"}
+    redis_server.restart()
+    end = time.monotonic() + 20
+    while res.write_behind_journal.pending_count() and time.monotonic() < end:
+        with contextlib.suppress(RedisUnavailable), res.request() as h:
+            h.ping()
+        time.sleep(0.05)
+    assert res.write_behind_journal.pending_count() == 0
+    assert sum(p.value for _, p in otel.points("redis.resilience.writebehind.replayed")) == 3
+    replay_spans = otel.spans("redis.resilience.writebehind.replay")
+    assert replay_spans
+    assert sum((s.attributes or {})["redis.resilience.writebehind.applied"] for s in replay_spans) == 3
+    res.close()

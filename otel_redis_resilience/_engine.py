@@ -239,8 +239,6 @@ class Operation:
                 core.breaker.on_failure(self.permit, now)
             moved = core._drain_locked()
         core.after_transitions(moved)
-        if self.scope is not None:
-            self.scope.failures += 1
         # A refused command did not run; nothing was applied when nothing was sent.
         maybe_applied = sent and kind is ErrorKind.UNAVAILABLE
         deadline_at = self.deadline_at
@@ -298,6 +296,8 @@ class Operation:
         telemetry = self.core.telemetry
         if rejected:
             telemetry.rejected(self, reason)
+        elif self.scope is not None:
+            self.scope.failures += 1
         if rejected and self.attempts == 0:
             outcome = "rejected"
         elif reason == "deadline_exceeded":

@@ -14,7 +14,7 @@ from ._engine import RERAISE, Core, Operation
 from ._errors import RedisUnavailable
 from ._fallback import STALE, WRITE_BEHIND, recover, remember
 from ._handle import HandleBase, make_class, pipeline_operation
-from ._safety import command_name
+from ._safety import _NAMES, command_name
 from ._scope import RequestScope
 from ._writebehind import may_journal_after, write_key
 
@@ -22,21 +22,21 @@ T = TypeVar("T")
 _monotonic = time.monotonic
 
 
-async def run_async(op: Operation, call: Callable[[], Awaitable[T]]) -> T:
-    """Run ``call`` as the attempts of ``op``; never blocks the event loop."""
+async def run_async(op: Operation, call: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    """Run ``call(*args, **kwargs)`` as the attempts of ``op``; never blocks the event loop."""
     timeout = op.start(_monotonic())
     while True:
         attempt = Attempt(None)
         token = CURRENT_ATTEMPT.set(attempt)
         try:
             if timeout is None:
-                result = await call()
+                result = await call(*args, **kwargs)
             else:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
                 # cancellation (CPython gh-86296). Cancelling mid-read makes
                 # redis-py drop the connection, so no reply is left in flight.
                 async with asyncio.timeout(timeout):
-                    result = await call()
+                    result = await call(*args, **kwargs)
         except BaseException as exc:
             CURRENT_ATTEMPT.reset(token)
             delay = op.failed(exc, attempt.sent, _monotonic())
@@ -62,18 +62,23 @@ class AsyncHandle(HandleBase, redis.asyncio.Redis):  # type: ignore[misc]  # red
     _orr_core: Core
     _orr_scope: RequestScope | None
 
+    #: The client class whose execute_command runs each attempt (a user subclass's
+    #: override included). Looked up per call, so instrumentation that patches the
+    #: class later (contrib's RedisInstrumentor) still sees every attempt.
+    _orr_client_cls: type = redis.asyncio.Redis
+
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        base: Callable[..., Any] = super().execute_command
-        name = command_name(args)
+        name = _NAMES.get(args[0]) or command_name(args)
         op = Operation(self._orr_core, self._orr_scope, name, args)
+        base = self._orr_client_cls.execute_command  # type: ignore[attr-defined]
         mode = self._orr_mode
         if not mode:
-            return await run_async(op, lambda: base(*args, **options))
+            return await run_async(op, base, self, *args, **options)
         core = self._orr_core
         if mode == WRITE_BEHIND:
-            return await self._orr_write_behind(op, name, args, lambda: base(*args, **options))
+            return await self._orr_write_behind(op, name, args, lambda: base(self, *args, **options))
         try:
-            result = await run_async(op, lambda: base(*args, **options))
+            result = await run_async(op, lambda: base(self, *args, **options))
         except Exception as exc:
             return recover(mode, core.lkg, core.telemetry, name, args, options, exc, self._orr_scope)
         if mode == STALE:
@@ -154,4 +159,6 @@ def handle_class(client_cls: type) -> type:
     """The handle class for a client class (a user subclass keeps its own methods)."""
     if client_cls is redis.asyncio.Redis:
         return AsyncHandle
-    return make_class(_handle_classes, AsyncHandle, client_cls)
+    found = make_class(_handle_classes, AsyncHandle, client_cls)
+    found._orr_client_cls = client_cls  # type: ignore[attr-defined]
+    return found

@@ -8,6 +8,7 @@ a resilient handle behave exactly as before.
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from typing import Any
@@ -15,6 +16,9 @@ from typing import Any
 from ._context import CURRENT_ATTEMPT
 
 _monotonic = time.monotonic
+# How far past the deadline a socket timeout may fire: the price of skipping a
+# settimeout() system call on almost every socket operation.
+_SLACK = 0.002
 
 
 class DeadlineSocket:
@@ -26,10 +30,11 @@ class DeadlineSocket:
     bounded, whatever redis-py does inside.
     """
 
-    __slots__ = ("_applied", "_sock", "_timeout", "quiet")
+    __slots__ = ("_applied", "_poll", "_sock", "_timeout", "quiet")
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._poll: Any = None
         self._timeout = sock.gettimeout()
         self._applied = self._timeout
         #: True while the connection handshake runs: its bytes are not the command's.
@@ -42,22 +47,29 @@ class DeadlineSocket:
                 self._sock.settimeout(self._timeout)
                 self._applied = self._timeout
             return attempt
-        remaining = attempt.deadline - _monotonic()
-        if remaining <= 0:
+        wanted = attempt.deadline - _monotonic()
+        if wanted <= 0:
             raise TimeoutError("attempt deadline reached")
         base = self._timeout
-        wanted = remaining if base is None or remaining < base else base
-        if wanted != self._applied:
+        if base is not None and base < wanted:
+            # redis-py's own, shorter timeout (0 for a non-blocking peek) still holds.
+            wanted = base
+        applied = self._applied
+        # settimeout() is a system call: skip it while the timeout in force is
+        # close enough, at most _SLACK past the deadline and at most 10% short of it.
+        if applied is None or applied > wanted + _SLACK or applied < wanted * 0.9:
             self._sock.settimeout(wanted)
             self._applied = wanted
         return attempt
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        self._cap()
+        if self._applied != 0:  # 0: redis-py's non-blocking peek, nothing to cap
+            self._cap()
         return self._sock.recv(bufsize, flags)
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        self._cap()
+        if self._applied != 0:
+            self._cap()
         return self._sock.recv_into(buffer, nbytes, flags)
 
     def sendall(self, data: Any, flags: int = 0) -> None:
@@ -75,11 +87,28 @@ class DeadlineSocket:
 
     def settimeout(self, value: float | None) -> None:
         self._timeout = value
+        if value != 0:
+            # redis-py restores its socket timeout around every pooled checkout; inside
+            # an attempt, apply the attempt's remaining time right away, so the next
+            # socket call does not need a second system call to set it.
+            attempt = CURRENT_ATTEMPT.get()
+            if attempt is not None and attempt.deadline is not None:
+                remaining = max(attempt.deadline - _monotonic(), 0.0001)
+                if value is None or remaining < value:
+                    value = remaining
         self._applied = value
         self._sock.settimeout(value)
 
     def gettimeout(self) -> float | None:
         return self._timeout
+
+    def quiet_now(self) -> bool:
+        """True if nothing at all can be read now (no data, no EOF, no error): one poll(2)."""
+        poller = self._poll
+        if poller is None:
+            poller = self._poll = select.poll()
+            poller.register(self._sock.fileno(), select.POLLIN | select.POLLPRI)
+        return not poller.poll(0)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
@@ -89,7 +118,21 @@ class SyncConnectionHooks:
     """Mixed in front of a sync redis-py connection class."""
 
     _sock: Any
+    _parser: Any
     socket_connect_timeout: float | None
+
+    def can_read(self, timeout: float = 0) -> bool:
+        # The pool asks this on every checkout; redis-py answers with a
+        # non-blocking peek (two settimeout calls and a recv). One poll(2) says
+        # the same when the socket is quiet, which is nearly always; anything
+        # else goes to redis-py's own check.
+        sock = self._sock
+        if timeout == 0 and isinstance(sock, DeadlineSocket):
+            buffer = getattr(self._parser, "_buffer", None)
+            unread = getattr(buffer, "unread_bytes", None)
+            if unread is not None and not unread() and sock.quiet_now():
+                return False
+        return super().can_read(timeout)  # type: ignore[misc,no-any-return]
 
     def _connect(self) -> Any:
         attempt = CURRENT_ATTEMPT.get()
@@ -113,6 +156,10 @@ class SyncConnectionHooks:
         finally:
             if isinstance(sock, DeadlineSocket):
                 sock.quiet = False
+
+
+class SyncHealthCheckHooks(SyncConnectionHooks):
+    """Also keeps redis-py's health-check PING (``health_check_interval``) from marking a command sent."""
 
     def check_health(self) -> Any:
         # The health-check PING is not the command: it must not mark it as sent.
@@ -179,6 +226,10 @@ class AsyncConnectionHooks:
             if isinstance(writer, TrackingWriter):
                 writer.quiet = False
 
+
+class AsyncHealthCheckHooks(AsyncConnectionHooks):
+    """Also keeps redis-py's health-check PING from marking a command sent."""
+
     async def check_health(self) -> Any:
         writer = self._writer
         if isinstance(writer, TrackingWriter):
@@ -190,18 +241,23 @@ class AsyncConnectionHooks:
                 writer.quiet = False
 
 
-_sync_classes: dict[type, type] = {}
-_async_classes: dict[type, type] = {}
+_sync_classes: dict[tuple[type, type], type] = {}
+_async_classes: dict[tuple[type, type], type] = {}
 
 
-def hooked_class(cls: type, *, is_async: bool) -> type:
+def hooked_class(cls: type, *, is_async: bool, health_checks: bool) -> type:
     """The hooked subclass of a redis-py connection class (cached)."""
-    hooks: type = AsyncConnectionHooks if is_async else SyncConnectionHooks
-    if issubclass(cls, hooks):
+    if is_async:
+        hooks: type = AsyncHealthCheckHooks if health_checks else AsyncConnectionHooks
+        base_hooks: type = AsyncConnectionHooks
+    else:
+        hooks = SyncHealthCheckHooks if health_checks else SyncConnectionHooks
+        base_hooks = SyncConnectionHooks
+    if issubclass(cls, base_hooks):
         return cls
     cache = _async_classes if is_async else _sync_classes
-    found = cache.get(cls)
+    found = cache.get((cls, hooks))
     if found is None:
         found = type(f"Resilient{cls.__name__}", (hooks, cls), {"__module__": __name__})
-        cache[cls] = found
+        cache[(cls, hooks)] = found
     return found

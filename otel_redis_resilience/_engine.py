@@ -180,22 +180,29 @@ class Operation:
     def start(self, now: float) -> float | None:
         """Begin the operation; the first attempt's timeout. Raises if rejected up front."""
         self.started = now
-        core = self.core
-        core.telemetry.begin(self)
-        with core.lock:
-            core.budget.record_operation(now)
-        return self.next_attempt(now, None)
+        telemetry = self.core.telemetry
+        if telemetry.may_trace():
+            telemetry.begin(self)
+        return self._permit(now, None, first=True)
 
     def next_attempt(self, now: float, last: BaseException | None) -> float | None:
         """Permit the next attempt; its timeout (None: the client's own). Raises if rejected."""
+        return self._permit(now, last, first=False)
+
+    def _permit(self, now: float, last: BaseException | None, *, first: bool) -> float | None:
         deadline_at = self.deadline_at
         if deadline_at is not None and deadline_at - now < _MIN_ATTEMPT:
             raise self._give_up("deadline_exceeded", last, rejected=True)
         core = self.core
+        breaker = core.breaker
+        # One short critical section per attempt; never held across I/O.
         with core.lock:
-            permit = core.breaker.acquire(now)
-            moved = core._drain_locked()
-        core.after_transitions(moved)
+            if first:
+                core.budget.record_operation(now)
+            permit = breaker.acquire(now)
+            moved = core._drain_locked() if breaker.transitions else None
+        if moved is not None:
+            core.after_transitions(moved)
         if permit == REJECTED:
             core.maybe_probe()
             raise self._give_up("breaker_open", last, rejected=True)
@@ -203,8 +210,8 @@ class Operation:
         self.attempts += 1
         self.attempt_started = now
         timeout = core.retry.attempt_timeout
-        if self.pipeline is None:
-            block = block_seconds(self.name, self.args) if self.name[0] in "BXW" else None
+        if self.pipeline is None and self.name[0] in "BXW":
+            block = block_seconds(self.name, self.args)
             if block is not None:
                 timeout = None if block == 0 or timeout is None else timeout + block
         if deadline_at is not None:
@@ -214,10 +221,12 @@ class Operation:
 
     def succeeded(self, now: float) -> None:
         core = self.core
+        breaker = core.breaker
         with core.lock:
-            core.breaker.on_success(self.permit, now, now - self.attempt_started)
-            moved = core._drain_locked()
-        core.after_transitions(moved)
+            breaker.on_success(self.permit, now, now - self.attempt_started)
+            moved = core._drain_locked() if breaker.transitions else None
+        if moved is not None:
+            core.after_transitions(moved)
         core.telemetry.finish(self, "ok" if self.attempts == 1 else "retried", None, now)
 
     def failed(self, exc: BaseException, sent: bool, now: float) -> float:

@@ -17,7 +17,9 @@ the next replay after a crash), so they must outlive it (``marker_ttl``) and mus
 (use a ``noeviction`` or ``volatile-*`` policy with memory to spare). A Redis that lost its data
 (restarted without persistence) lost the markers too, so entries applied but not yet acknowledged
 before that loss are applied again onto the emptied dataset. Redis Cluster is not supported: the
-marker and the written key generally live in different slots.
+marker and the written key generally live in different slots. Exactly-once holds even if two
+processes replay at the same time (an owner stalled past its lease); per-key order across batches
+relies on the lease, which lets only one process replay at a time.
 
 Decisions live in pure functions (:func:`plan_batch`, :func:`interpret_results` and a small
 sans-I/O step generator), shared by the sync and the asyncio drivers, which only do I/O.

@@ -166,12 +166,15 @@ class Resilience:
         pool.connection_kwargs["retry"] = no_retry
         if self._is_async:
             pool.connection_kwargs["socket_timeout"] = None
-        pool.connection_class = hooked_class(pool.connection_class, is_async=self._is_async)
+        checks = bool(pool.connection_kwargs.get("health_check_interval"))
+        pool.connection_class = hooked_class(
+            pool.connection_class, is_async=self._is_async, health_checks=checks
+        )
         # Connections made before us carry the old class and retry settings.
         pool.reset()
         conn = getattr(self.client, "connection", None)
         if conn is not None:
-            conn.__class__ = hooked_class(type(conn), is_async=self._is_async)
+            conn.__class__ = hooked_class(type(conn), is_async=self._is_async, health_checks=checks)
             conn.retry = no_retry
             if self._is_async:
                 conn.socket_timeout = None

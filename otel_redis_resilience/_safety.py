@@ -199,11 +199,20 @@ def _as_bytes(value: Any) -> bytes:
     return str(value).encode()
 
 
+_NAMES: dict[Any, str] = {}
+
+
 def command_name(args: Sequence[Any]) -> str:
     """The upper-case command name, multi-word commands kept whole (``CONFIG GET``)."""
     first = args[0]
-    name = first.decode() if isinstance(first, bytes) else str(first)
-    return name.upper()
+    try:
+        return _NAMES[first]
+    except (KeyError, TypeError):
+        pass
+    name = (first.decode() if isinstance(first, bytes) else str(first)).upper()
+    if len(_NAMES) < 1024 and isinstance(first, str | bytes):
+        _NAMES[first] = name
+    return name
 
 
 def is_idempotent(

@@ -14,7 +14,7 @@ from ._engine import RERAISE, Core, Operation
 from ._errors import RedisUnavailable
 from ._fallback import STALE, WRITE_BEHIND, recover, remember
 from ._handle import HandleBase, make_class, pipeline_operation
-from ._safety import command_name
+from ._safety import _NAMES, command_name
 from ._scope import RequestScope
 from ._writebehind import may_journal_after, write_key
 
@@ -22,15 +22,14 @@ T = TypeVar("T")
 _monotonic = time.monotonic
 
 
-def run_sync(op: Operation, call: Callable[[], T]) -> T:
-    """Run ``call`` as the attempts of ``op``."""
+def run_sync(op: Operation, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``call(*args, **kwargs)`` as the attempts of ``op``."""
     timeout = op.start(_monotonic())
     while True:
-        start = _monotonic()
-        attempt = Attempt(None if timeout is None else start + timeout)
+        attempt = Attempt(None if timeout is None else _monotonic() + timeout)
         token = CURRENT_ATTEMPT.set(attempt)
         try:
-            result = call()
+            result = call(*args, **kwargs)
         except BaseException as exc:
             CURRENT_ATTEMPT.reset(token)
             delay = op.failed(exc, attempt.sent, _monotonic())
@@ -56,19 +55,23 @@ class SyncHandle(HandleBase, redis.Redis):
 
     _orr_core: Core
     _orr_scope: RequestScope | None
+    #: The client class whose execute_command runs each attempt (a user subclass's
+    #: override included). Looked up per call, so instrumentation that patches the
+    #: class later (contrib's RedisInstrumentor) still sees every attempt.
+    _orr_client_cls: type = redis.Redis
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        base: Callable[..., Any] = super().execute_command
-        name = command_name(args)
+        name = _NAMES.get(args[0]) or command_name(args)
         op = Operation(self._orr_core, self._orr_scope, name, args)
+        base = self._orr_client_cls.execute_command  # type: ignore[attr-defined]
         mode = self._orr_mode
         if not mode:
-            return run_sync(op, lambda: base(*args, **options))
+            return run_sync(op, base, self, *args, **options)
         core = self._orr_core
         if mode == WRITE_BEHIND:
-            return self._orr_write_behind(op, name, args, lambda: base(*args, **options))
+            return self._orr_write_behind(op, name, args, lambda: base(self, *args, **options))
         try:
-            result = run_sync(op, lambda: base(*args, **options))
+            result = run_sync(op, lambda: base(self, *args, **options))
         except Exception as exc:
             return recover(mode, core.lkg, core.telemetry, name, args, options, exc, self._orr_scope)
         if mode == STALE:
@@ -142,4 +145,6 @@ def handle_class(client_cls: type) -> type:
     """The handle class for a client class (a user subclass keeps its own methods)."""
     if client_cls is redis.Redis:
         return SyncHandle
-    return make_class(_handle_classes, SyncHandle, client_cls)
+    found = make_class(_handle_classes, SyncHandle, client_cls)
+    found._orr_client_cls = client_cls  # type: ignore[attr-defined]
+    return found

@@ -17,6 +17,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from ._breaker import BreakerState, Transition
@@ -218,6 +219,7 @@ class Telemetry:
         }
         self._metric_base: dict[str, Any] = {"db.system.name": "redis", **self.server_attrs}
         self._duration_attrs: dict[tuple[str, str | None], dict[str, Any]] = {}
+        self._explicit_mp = meter_provider is not None
         self.instruments = _instruments_for(meter_provider)
         self.instruments.members.add(self)
         #: Set by the owner: returns the current BreakerState, for the state gauge.
@@ -226,7 +228,13 @@ class Telemetry:
     # -- plumbing ------------------------------------------------------------
 
     def _get_tracer(self) -> trace.Tracer | None:
-        tp = self._explicit_tp if self._explicit_tp is not None else trace.get_tracer_provider()
+        tp = self._explicit_tp
+        if tp is None:
+            # The global provider once set; reading it directly avoids an environment
+            # lookup that trace.get_tracer_provider() makes on every call until then.
+            tp = getattr(trace, "_TRACER_PROVIDER", None)
+            if tp is None:
+                return None
         if tp is not self._tp_seen:
             self._tp_seen = tp
             if isinstance(tp, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
@@ -308,10 +316,24 @@ class Telemetry:
         if self.hooks:
             self._emit(CallRejected(self.endpoint, op.name, reason))
 
+    def may_trace(self) -> bool:
+        """Cheap pre-check: False when no tracer provider can record spans."""
+        return self._explicit_tp is not None or getattr(trace, "_TRACER_PROVIDER", None) is not None
+
+    def _metrics_on(self) -> bool:
+        if self._explicit_mp:
+            return True
+        # No SDK meter provider set (yet): the API's instruments would do nothing.
+        return getattr(_metrics_internal, "_METER_PROVIDER", True) is not None
+
     def finish(self, op: Operation, outcome: str, exc: BaseException | None, now: float) -> None:
         scope = op.scope
         if scope is not None:
             scope.operations += 1
+        if exc is None and op.span is None and not self.hooks and not self._metrics_on():
+            if scope is not None and scope.summary_span:
+                self.summarize(scope)
+            return
         duration = now - op.started
         etype: str | None = None
         if exc is not None:

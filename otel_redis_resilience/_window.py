@@ -38,7 +38,9 @@ class RollingCounts:
         return self._last_index % _BUCKETS  # type: ignore[operator]
 
     def add(self, now: float, *, failed: bool = False, count: int = 1) -> None:
-        slot = self._advance(now)
+        last = self._last_index
+        # Fast path: still in the current bucket (nearly every call under load).
+        slot = last % _BUCKETS if last is not None and int(now // self._width) == last else self._advance(now)
         self._total[slot] += count
         if failed:
             self._failed[slot] += count

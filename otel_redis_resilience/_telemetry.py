@@ -219,6 +219,7 @@ class Telemetry:
         }
         self._metric_base: dict[str, Any] = {"db.system.name": "redis", **self.server_attrs}
         self._duration_attrs: dict[tuple[str, str | None], dict[str, Any]] = {}
+        self._span_attrs: dict[tuple[str, Any], dict[str, Any]] = {}
         self._explicit_mp = meter_provider is not None
         self.instruments = _instruments_for(meter_provider)
         self.instruments.members.add(self)
@@ -262,21 +263,28 @@ class Telemetry:
             current = trace.get_current_span()
             scope.summary_span = current if current.is_recording() else False
         try:
-            span = tracer.start_span(op.name, kind=SpanKind.CLIENT)
-            if span.is_recording():
-                attrs = dict(self._span_base)
-                attrs["db.operation.name"] = op.name
+            state = self.state_source() if self.state_source is not None else None
+            key = (op.name, state)
+            base = self._span_attrs.get(key)
+            if base is None:
+                # Built once per (command, breaker state) and handed to the SDK as is:
+                # the SDK copies attributes, so sharing the dict is safe.
+                base = {**self._span_base, "db.operation.name": op.name}
+                if state is not None:
+                    base["redis.resilience.breaker.state"] = state.value
+                if len(self._span_attrs) < 4096:
+                    self._span_attrs[key] = base
+            span = tracer.start_span(op.name, kind=SpanKind.CLIENT, attributes=base)
+            if span.is_recording() and (op.pipeline is not None or self.capture_statement):
+                extra: dict[str, Any] = {}
                 if op.pipeline is not None and len(op.pipeline) >= 2:
-                    attrs["db.operation.batch.size"] = len(op.pipeline)
+                    extra["db.operation.batch.size"] = len(op.pipeline)
                 if self.capture_statement:
                     if op.pipeline is not None:
-                        attrs["db.query.text"] = "; ".join(_sanitize(c) for c, _ in op.pipeline)[:2048]
+                        extra["db.query.text"] = "; ".join(_sanitize(c) for c, _ in op.pipeline)[:2048]
                     else:
-                        attrs["db.query.text"] = _sanitize(op.args)
-                state = self.state_source() if self.state_source is not None else None
-                if state is not None:
-                    attrs["redis.resilience.breaker.state"] = state.value
-                span.set_attributes(attrs)
+                        extra["db.query.text"] = _sanitize(op.args)
+                span.set_attributes(extra)
             op.span = span
             op.token = otel_context.attach(trace.set_span_in_context(span))
         except Exception:
@@ -356,12 +364,16 @@ class Telemetry:
                     otel_context.detach(op.token)
                     op.token = None
                 if span.is_recording():
-                    span.set_attribute("redis.resilience.attempts", op.attempts)
-                    span.set_attribute("redis.resilience.outcome", outcome)
+                    end_attrs: dict[str, Any] = {
+                        "redis.resilience.attempts": op.attempts,
+                        "redis.resilience.outcome": outcome,
+                    }
                     if exc is not None and outcome != "cancelled":
-                        span.set_attribute("error.type", etype or "")
+                        end_attrs["error.type"] = etype or ""
                         if outcome == "error" and etype and etype.isupper():
-                            span.set_attribute("db.response.status_code", etype)
+                            end_attrs["db.response.status_code"] = etype
+                    span.set_attributes(end_attrs)
+                    if exc is not None and outcome != "cancelled":
                         span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                         if outcome != "rejected":
                             span.record_exception(exc)

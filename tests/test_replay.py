@@ -257,9 +257,8 @@ def test_error_reply_is_dead_lettered_and_the_rest_proceeds(journal: Journal, cl
 
 def test_noscript_loads_the_script_once(journal: Journal, clean_redis: RedisServer) -> None:
     c = _client(clean_redis)
-    for i in range(10):
+    for _ in range(10):
         journal.append(b"c", (b"INCR", b"c"))
-        del i
     assert replay_batch_sync(c, journal, batch_size=5).applied == (1, 2, 3, 4, 5)
     assert clean_redis.command_count("script|load") == 1
     assert clean_redis.command_count("evalsha") == 10  # 5 NOSCRIPT + 5 applied
@@ -267,6 +266,7 @@ def test_noscript_loads_the_script_once(journal: Journal, clean_redis: RedisServ
     assert replay_batch_sync(c, journal, batch_size=5).applied == (6, 7, 8, 9, 10)
     assert clean_redis.command_count("script|load") == 2
     assert c.get(b"c") == b"10"
+    c.close()
 
 
 def test_transient_server_error_stops_without_losing_or_dead_lettering(

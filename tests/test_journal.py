@@ -452,53 +452,53 @@ def test_acknowledged_appends_survive_sigkill(jdir: Path, fsync: str) -> None:
         assert stored[entry_id].args == (b"RPUSH", b"k%d" % (i % 7), str(i).encode())
 
 
-_APPEND_N = """
-    import sys, time
+_APPEND_IN_ROUNDS = """
+    import sys
     from otel_redis_resilience._journal import Journal, JournalConfig
     j = Journal(JournalConfig(sys.argv[1], fsync="normal"))
-    tag = sys.argv[2].encode()
-    print("ready", flush=True)
-    sys.stdin.readline()  # start together
+    tag, per_round = sys.argv[2].encode(), int(sys.argv[3])
     ids = []
-    start = time.monotonic()
-    # Keep appending until some other process appended too, so the writers surely overlap
-    # even on a loaded machine that happens to run them one after the other.
-    while len(ids) < int(sys.argv[3]) or time.monotonic() - start < 0.2 or j.pending_count() <= len(ids):
-        ids.append(j.append(tag, (b"RPUSH", tag, len(ids))))
-        if time.monotonic() - start > 20:
-            sys.exit("the other writers never appended")
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "end":
+            break
+        for _ in range(per_round):
+            ids.append(j.append(tag, (b"RPUSH", tag, len(ids))))
+        print("done", flush=True)
     print(" ".join(map(str, ids)), flush=True)
 """
 
 
 def test_processes_append_concurrently(jdir: Path) -> None:
     Journal(JournalConfig(jdir)).close()  # created once; the children race on appends only
-    n = 500
-    procs = [_child(_APPEND_N, str(jdir), f"p{k}", str(n)) for k in range(3)]
-    for p in procs:  # a barrier, so that the children really append at the same time
-        assert p.stdout is not None
-        assert p.stdout.readline().strip() == "ready"
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    outputs = [p.communicate(timeout=60) for p in procs]
+    rounds, per_round = 4, 150
+    procs = [_child(_APPEND_IN_ROUNDS, str(jdir), f"p{k}", str(per_round)) for k in range(3)]
+    # Rounds: all children append at the same time within a round, and every round starts
+    # after all of them finished the previous one, so their ids interleave however the
+    # machine schedules them.
+    for _ in range(rounds):
+        for p in procs:
+            assert p.stdout is not None
+            assert p.stdout.readline().strip() in ("ready", "done")
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+    outputs = [p.communicate("end\n", timeout=60) for p in procs]
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err
-    per_proc = [list(map(int, out.split())) for out, _ in outputs]
+    per_proc = [list(map(int, out.split()[1:])) for out, _ in outputs]  # skip the last "done"
     all_ids = [i for ids in per_proc for i in ids]
-    assert len(all_ids) == len(set(all_ids))
-    assert all(len(ids) >= n for ids in per_proc)
+    assert len(all_ids) == len(set(all_ids)) == 3 * rounds * per_round
     assert all(ids == sorted(ids) for ids in per_proc)
     with Journal(JournalConfig(jdir)) as j:
         entries = j.read_batch(len(all_ids) + 1)
     assert [e.id for e in entries] == sorted(all_ids)
     owners = [e.key for e in entries]
-    switches = sum(1 for a, b in itertools.pairwise(owners) if a != b)
-    assert switches > 2, "the writers did not overlap, so this test proved nothing"
+    assert sum(1 for a, b in itertools.pairwise(owners) if a != b) > 2
     for k in range(3):
         mine = [e for e in entries if e.key == b"p%d" % k]
-        assert [e.args[2] for e in mine] == [str(i).encode() for i in range(len(per_proc[k]))]
+        assert [e.args[2] for e in mine] == [str(i).encode() for i in range(rounds * per_round)]
 
 
 _OPEN_AND_PRINT_UUID = """

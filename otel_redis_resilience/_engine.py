@@ -255,6 +255,10 @@ class Operation:
             raise self._give_up("deadline_exceeded", exc, maybe_applied=maybe_applied)
         if self.attempts >= core.retry.max_attempts or not self.retryable:
             raise self._give_up("retries_exhausted", exc, maybe_applied=maybe_applied)
+        if core.breaker.state is BreakerState.OPEN:
+            # This very failure (or a concurrent one) opened the breaker: a retry
+            # would only be rejected after its backoff, so give up now.
+            raise self._give_up("breaker_open", exc, maybe_applied=maybe_applied, rejected=True)
         if maybe_applied and not self._idempotent():
             raise self._give_up("unsafe_to_retry", exc, maybe_applied=True)
         with core.lock:

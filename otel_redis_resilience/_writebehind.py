@@ -105,6 +105,7 @@ class WriteBehind:
         self._task: asyncio.Task[None] | None = None
         self._awake: asyncio.Event | None = None
         self._closed = False
+        self._failed_runs = 0
         #: True until the replayer first started in this process: a journal left by a
         #: crashed process is adopted and replayed as soon as a request scope opens.
         self.needs_start = True
@@ -158,15 +159,28 @@ class WriteBehind:
 
         return self.core.breaker.state is BreakerState.CLOSED
 
-    def _record(self, totals: ReplayTotals) -> None:
+    def _idle_wait(self) -> float | None:
+        # Entries left after a failed run (often a stale pooled connection just
+        # after Redis came back): replay is idempotent, so try again soon, backing
+        # off. Entries left for another reason (another process holds the lease):
+        # look again after a lease period. Nothing left: sleep until kicked.
+        if not self.journal.pending_count():
+            return None
+        lease = self.journal.config.lease_seconds
+        if self._failed_runs:
+            return float(min(lease, 0.1 * 2 ** min(self._failed_runs - 1, 6)))
+        return lease
+
+    def _note(self, totals: ReplayTotals | None) -> bool:
+        """Record a run's result; True if replay should stop for now."""
+        if totals is None or totals.error is not None:
+            self._failed_runs += 1
+            return True
+        self._failed_runs = 0
         if totals.applied or totals.duplicates:
             self._replayed.add(totals.applied + totals.duplicates, self.core.telemetry.server_attrs)
         self.core.telemetry.replayed(totals)
-
-    def _idle_wait(self) -> float | None:
-        # While entries remain (another process holds the lease, or Redis failed
-        # again) look again after a lease period; otherwise sleep until kicked.
-        return self.journal.config.lease_seconds if self.journal.pending_count() else None
+        return not totals.lease_acquired or totals.batches == 0
 
     def _run_sync(self) -> None:
         while not self._closed:
@@ -174,15 +188,16 @@ class WriteBehind:
             self._wake.clear()
             while not self._closed and self._ready() and self.journal.pending_count():
                 token = CURRENT_ATTEMPT.set(Attempt(time.monotonic() + _BATCH_DEADLINE))
+                totals: ReplayTotals | None = None
                 try:
                     totals = replay_all_sync(self.client, self.journal, max_batches=1)
                 except Exception:
                     logger.exception("write-behind replay failed; will retry")
-                    break
                 finally:
                     CURRENT_ATTEMPT.reset(token)
-                self._record(totals)
-                if totals.error is not None or not totals.lease_acquired or totals.batches == 0:
+                if totals is not None and totals.error is not None:
+                    self.core.telemetry.replayed(totals)
+                if self._note(totals):
                     break
 
     async def _run_async(self) -> None:
@@ -199,14 +214,15 @@ class WriteBehind:
                 and self._ready()
                 and (await asyncio.to_thread(self.journal.pending_count)) > 0
             ):
+                totals: ReplayTotals | None = None
                 try:
                     async with asyncio.timeout(_BATCH_DEADLINE):
                         totals = await replay_all_async(self.client, self.journal, max_batches=1)
                 except Exception:
                     logger.exception("write-behind replay failed; will retry")
-                    break
-                self._record(totals)
-                if totals.error is not None or not totals.lease_acquired or totals.batches == 0:
+                if totals is not None and totals.error is not None:
+                    self.core.telemetry.replayed(totals)
+                if self._note(totals):
                     break
 
     def close(self) -> None:

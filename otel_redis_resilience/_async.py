@@ -96,7 +96,9 @@ class AsyncHandle(HandleBase, redis.asyncio.Redis):  # type: ignore[misc]  # red
         # A WAL read never waits for writers: cheap enough to run on the loop.
         if wb.must_queue(key):
             # The append fsyncs: keep it off the event loop.
-            return await asyncio.to_thread(wb.append, key, args, "queued_behind", self._orr_scope)
+            queued = await asyncio.to_thread(wb.append, key, args, "queued_behind", self._orr_scope)
+            wb.kick()  # the entries ahead may be waiting for a replayer to notice Redis is fine
+            return queued
         try:
             return await run_async(op, call)
         except RedisUnavailable as exc:

@@ -38,6 +38,11 @@ class RequestScope:
         self.token: Token[Any] | None = None
 
     @property
+    def closed(self) -> bool:
+        """Whether the scope has ended (its ``with`` block exited)."""
+        return self.token is None and self.handle is not None
+
+    @property
     def degraded(self) -> bool:
         """True when any Redis call of this request failed, was rejected or fell back."""
         return bool(self.rejections or self.fallbacks or self.failures)

@@ -85,7 +85,9 @@ class SyncHandle(HandleBase, redis.Redis):
         if key is None:
             return run_sync(op, call)
         if wb.must_queue(key):
-            return wb.append(key, args, "queued_behind", self._orr_scope)
+            queued = wb.append(key, args, "queued_behind", self._orr_scope)
+            wb.kick()  # the entries ahead may be waiting for a replayer to notice Redis is fine
+            return queued
         try:
             return run_sync(op, call)
         except RedisUnavailable as exc:

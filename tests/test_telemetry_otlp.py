@@ -1,7 +1,7 @@
 """The telemetry contract, end to end over OTLP/HTTP.
 
 The SDK's real OTLP/HTTP exporters send spans and metrics to a real HTTP receiver
-(tests/otlp_receiver.py) that decodes the protobuf; every assertion here is on what
+(demo/otlp_receiver.py) that decodes the protobuf; every assertion here is on what
 was decoded from the wire, never on SDK objects. The providers are passed to
 ``Resilience(tracer_provider=..., meter_provider=...)``; the global providers are
 left alone.
@@ -35,9 +35,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Tracer
 
+from demo.otlp_receiver import MetricPoint, OTLPReceiver, SpanRecord, format_trace_tree
 from otel_redis_resilience import BreakerPolicy, BreakerState, RedisUnavailable, RetryPolicy
 from tests.infra import RedisServer
-from tests.otlp_receiver import MetricPoint, OTLPReceiver, SpanRecord, format_trace_tree
 from tests.support import Runner
 
 pytestmark = pytest.mark.slow

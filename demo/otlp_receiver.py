@@ -1,4 +1,4 @@
-"""A real OTLP/HTTP receiver for tests: what the SDK exporters actually put on the wire.
+"""A real OTLP/HTTP receiver, for the demo and the tests: what the SDK exporters actually put on the wire.
 
 :class:`OTLPReceiver` is a threaded ``http.server`` on a free ``127.0.0.1`` port. It
 accepts ``POST /v1/traces`` and ``POST /v1/metrics`` as binary protobuf (optionally

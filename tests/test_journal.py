@@ -516,7 +516,10 @@ def test_processes_creating_the_journal_at_once_share_one(jdir: Path) -> None:
         assert p.returncode == 0, err
     uuids = {out.strip() for out, _ in outputs}
     assert len(uuids) == 1
-    assert [p.name for p in jdir.iterdir()] == [DATABASE_FILENAME]  # no temp file left behind
+    # No temp file left behind. (SQLite's -wal/-shm companions may outlive a process
+    # that exited without closing its connection; they are not ours to judge.)
+    names = {p.name for p in jdir.iterdir()} - {f"{DATABASE_FILENAME}-wal", f"{DATABASE_FILENAME}-shm"}
+    assert names == {DATABASE_FILENAME}
 
 
 # ------------------------------------------------------------------------------ lease

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -331,4 +332,37 @@ def test_write_behind_metrics_and_replay_span(otel: Otel, redis_server: RedisSer
     replay_spans = otel.spans("redis.resilience.writebehind.replay")
     assert replay_spans
     assert sum((s.attributes or {})["redis.resilience.writebehind.applied"] for s in replay_spans) == 3
+    res.close()
+
+
+def test_outage_logs_are_rate_limited_and_transitions_logged(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="otel_redis_resilience")
+    res = Resilience(
+        redis.Redis(host=redis_server.host, port=redis_server.port),
+        retry=RetryPolicy(attempt_timeout=0.2, max_attempts=1),
+        breaker=BreakerPolicy(failure_threshold=2, probe_interval=0.05, half_open_max_calls=1),
+    )
+    redis_server.kill()
+    for _ in range(300):
+        with pytest.raises(RedisUnavailable), res.request() as h:
+            h.get("secret-key-123")
+    redis_server.restart()
+    end = time.monotonic() + 10
+    while res.breaker_state.value != "closed" and time.monotonic() < end:
+        with contextlib.suppress(RedisUnavailable), res.request() as h:
+            h.get("secret-key-123")
+        time.sleep(0.02)
+    records = [r for r in caplog.records if r.name == "otel_redis_resilience"]
+    opened = [r for r in records if "closed -> open" in r.getMessage()]
+    closed = [r for r in records if "-> closed" in r.getMessage()]
+    assert [r.levelno for r in opened] == [logging.WARNING]
+    assert closed
+    assert all(r.levelno == logging.INFO for r in closed)
+    # 300 failed calls, a handful of lines: never one per call.
+    assert len(records) < 15, [r.getMessage() for r in records]
+    assert not any(redis_server.host in r.getMessage() and r.getMessage().split()[-1] == "k" for r in records)
     res.close()

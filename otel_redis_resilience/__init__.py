@@ -1,7 +1,7 @@
 """Keep web apps serving when Redis is slow, flapping or down; show every decision in OpenTelemetry."""
 
 from ._breaker import BreakerState, Transition
-from ._config import BreakerPolicy, RetryPolicy
+from ._config import BreakerPolicy, RetryPolicy, validate_deadline
 from ._errors import ConfigurationError, RedisUnavailable
 from ._events import (
     BreakerTransitioned,
@@ -67,4 +67,5 @@ __all__ = [
     "current_scope",
     "is_testing",
     "set_testing",
+    "validate_deadline",
 ]

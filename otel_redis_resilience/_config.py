@@ -169,7 +169,11 @@ class BreakerPolicy:
 
 
 def validate_deadline(owner: str, value: float | None) -> float | None:
-    """Check a deadline value (seconds or None) and return it."""
+    """Check a deadline in seconds (``None``: no deadline) and return it.
+
+    Raises:
+        ConfigurationError: naming ``owner`` when the value is not a finite number > 0.
+    """
     if value is not None:
         _positive(owner, "deadline", value)
     return value

@@ -19,13 +19,12 @@ is the core's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import Flask, current_app, g, has_app_context, request
 
-from otel_redis_resilience import ConfigurationError, Resilience, current_redis
+from otel_redis_resilience import ConfigurationError, Resilience, current_redis, validate_deadline
 
 __all__ = ["CONFIG_DEADLINE", "EXTENSION_KEY", "RedisResilience", "get_redis", "redis_deadline"]
 __version__ = "0.1.0"
@@ -41,22 +40,13 @@ _UNSET: Any = object()
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _check_deadline(owner: str, seconds: float | None) -> None:
-    if seconds is None:
-        return
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
-        raise ConfigurationError(f"{owner}: deadline must be a finite number of seconds, got {seconds!r}")
-    if seconds <= 0:
-        raise ConfigurationError(f"{owner}: deadline must be > 0, got {seconds!r}")
-
-
 def redis_deadline(seconds: float | None) -> Callable[[F], F]:
     """Give one view its own Redis deadline (``None``: no deadline for this route).
 
     Works above or below ``@app.route``; for class-based views set the class
     attribute ``redis_deadline = seconds`` instead.
     """
-    _check_deadline("redis_deadline", seconds)
+    validate_deadline("redis_deadline", seconds)
 
     def decorate(view: F) -> F:
         setattr(view, _VIEW_ATTR, seconds)
@@ -88,7 +78,7 @@ class RedisResilience:
     def __init__(
         self, app: Flask | None = None, *, resilience: Resilience | None = None, deadline: float | None = 0.5
     ) -> None:
-        _check_deadline("RedisResilience", deadline)
+        validate_deadline("RedisResilience", deadline)
         self.resilience = resilience
         self.deadline = deadline
         if app is not None:

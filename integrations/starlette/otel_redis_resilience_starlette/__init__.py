@@ -23,7 +23,6 @@ On lifespan shutdown, once the app's own shutdown finished, the probe is stopped
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
@@ -32,7 +31,13 @@ from starlette.requests import HTTPConnection
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from otel_redis_resilience import ConfigurationError, NoActiveRequest, Resilience, current_scope
+from otel_redis_resilience import (
+    ConfigurationError,
+    NoActiveRequest,
+    Resilience,
+    current_scope,
+    validate_deadline,
+)
 
 __all__ = ["SCOPE_KEY", "ResilienceMiddleware", "get_redis", "redis_deadline"]
 __version__ = "0.1.0"
@@ -42,15 +47,6 @@ SCOPE_KEY = "otel_redis_resilience.redis"
 _UNSET: Any = object()
 logger = logging.getLogger("otel_redis_resilience")
 _SHUTDOWN_DONE = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
-
-
-def _check_deadline(owner: str, seconds: float | None) -> None:
-    if seconds is None:
-        return
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
-        raise ConfigurationError(f"{owner}: deadline must be a finite number of seconds, got {seconds!r}")
-    if seconds <= 0:
-        raise ConfigurationError(f"{owner}: deadline must be > 0, got {seconds!r}")
 
 
 class ResilienceMiddleware:
@@ -82,7 +78,7 @@ class ResilienceMiddleware:
                 "ResilienceMiddleware needs resilience=Resilience(redis.asyncio.Redis(...)), "
                 f"got {resilience!r}"
             )
-        _check_deadline("ResilienceMiddleware", deadline)
+        validate_deadline("ResilienceMiddleware", deadline)
         self.app = app
         self.resilience = resilience
         self.deadline = deadline
@@ -90,7 +86,7 @@ class ResilienceMiddleware:
         self._exact: dict[str, float | None] = {}
         self._templates: list[tuple[re.Pattern[str], float | None]] = []
         for path, seconds in (route_deadlines or {}).items():
-            _check_deadline(f"ResilienceMiddleware route_deadlines[{path!r}]", seconds)
+            validate_deadline(f"ResilienceMiddleware route_deadlines[{path!r}]", seconds)
             if "{" in path:
                 self._templates.append((compile_path(path)[0], seconds))
             else:
@@ -156,7 +152,7 @@ def redis_deadline(seconds: float | None) -> Callable[[], Coroutine[Any, Any, No
 
     ``@app.get("/x", dependencies=[Depends(redis_deadline(0.2))])``; ``None``: no deadline.
     """
-    _check_deadline("redis_deadline", seconds)
+    validate_deadline("redis_deadline", seconds)
 
     async def apply_redis_deadline() -> None:
         scope = current_scope()

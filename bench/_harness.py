@@ -1,8 +1,7 @@
 """Shared helpers for the benchmark scripts in ``bench/`` (not a benchmark itself).
 
-* :class:`RedisServer`: a throw-away ``redis-server`` on a free loopback port, with
-  persistence off (``--save "" --appendonly no``), stopped at interpreter exit and,
-  through ``setpriv --pdeathsig``, killed by the kernel if the benchmark dies hard.
+* :class:`RedisServer`: the tests' throw-away ``redis-server`` (``tests/infra``) on a free
+  loopback port, persistence off, never leaked.
 * :func:`median`, :func:`p90`, :func:`table`: statistics and markdown output.
 * :func:`interleave`: the round-robin driver the micro-benchmarks share.
 
@@ -12,144 +11,27 @@ they import this module as ``_harness``.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+# The benchmarks run the tests' own redis-server launcher (persistence off, its own
+# temp dir, never leaked: atexit and ``setpriv --pdeathsig``); start() after kill()
+# brings it back on the same port.
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from tests.infra.redis_server import RedisServer, find_free_port, redis_server_binary  # noqa: E402
+
 HOST = "127.0.0.1"
-REDIS_BINARY_FALLBACK = "/usr/bin/redis-server"
 
-
-def find_free_port(host: str = HOST) -> int:
-    """A TCP port on ``host`` that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    if os.path.exists(REDIS_BINARY_FALLBACK):
-        return REDIS_BINARY_FALLBACK
-    sys.exit("redis-server not found (apt-get install redis-server)")
-
-
-def _ping(port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=timeout) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-_LIVE: set[RedisServer] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-@atexit.register
-def _stop_all() -> None:
-    with _LIVE_LOCK:
-        servers = list(_LIVE)
-    for server in servers:
-        with contextlib.suppress(Exception):
-            server.stop()
-
-
-class RedisServer:
-    """A real ``redis-server`` on ``127.0.0.1``; the port survives :meth:`kill` + :meth:`start`."""
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port if port is not None else find_free_port()
-        self._dir = Path(tempfile.mkdtemp(prefix="orr-bench-redis-"))
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def _command(self) -> list[str]:
-        prefix: list[str] = []
-        setpriv = shutil.which("setpriv")
-        if setpriv and threading.current_thread() is threading.main_thread():
-            prefix = [setpriv, "--pdeathsig", "KILL", "--"]
-        return [
-            *prefix,
-            redis_binary(),
-            "--port", str(self.port),
-            "--bind", HOST,
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "no",
-            "--dir", str(self._dir),
-            "--logfile", str(self._dir / "redis.log"),
-        ]  # fmt: skip
-
-    def start(self, timeout: float = 10.0) -> RedisServer:
-        """Start and wait for PONG; retries the same port while the old one is released."""
-        deadline = time.monotonic() + timeout
-        while True:
-            proc = subprocess.Popen(
-                self._command(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            self._proc = proc
-            with _LIVE_LOCK:
-                _LIVE.add(self)
-            while time.monotonic() < deadline and proc.poll() is None:
-                if _ping(self.port):
-                    return self
-                time.sleep(0.002)
-            if proc.poll() is None:
-                self.kill()
-                raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"redis-server could not start on port {self.port}")
-            time.sleep(0.02)  # exited at once: most likely the port is still held
-
-    def kill(self) -> None:
-        """SIGKILL (a crash) and reap; the port is kept for a later :meth:`start`."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-        self._proc = None
-
-    def stop(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._proc = None
-        with _LIVE_LOCK:
-            _LIVE.discard(self)
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-# -- statistics and output -------------------------------------------------------
+__all__ = ["HOST", "RedisServer", "find_free_port"]
 
 
 def median(values: Sequence[float]) -> float:
@@ -248,7 +130,8 @@ def environment() -> str:
     import redis
 
     try:
-        out = subprocess.run([redis_binary(), "--version"], capture_output=True, text=True, timeout=5).stdout
+        version = [redis_server_binary(), "--version"]
+        out = subprocess.run(version, capture_output=True, text=True, timeout=5).stdout
         server = out.split()[2].removeprefix("v=")
     except Exception:
         server = "?"

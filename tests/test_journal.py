@@ -224,7 +224,6 @@ def test_connections_of_finished_threads_are_closed(journal: Journal) -> None:
     assert len(journal._connections) <= 2
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_forked_child_gets_its_own_connection_and_lease_identity(journal: Journal) -> None:
     journal.append(b"k", (b"INCR", b"k"))
     assert journal.try_acquire_lease()

@@ -1,6 +1,6 @@
 """A real, throw-away ``redis-server`` process for tests.
 
-Every test that needs Redis talks to a genuine ``redis-server`` (no fakeredis, no mocks):
+Every test that needs Redis talks to a genuine ``redis-server`` (no in-memory fake, no mocks):
 the point of this library is surviving real network and server failures, and those only
 look real when a real server misbehaves.  :class:`RedisServer` starts one on a free
 loopback port with no persistence and its own temp dir, and can crash it (SIGKILL),

@@ -13,11 +13,13 @@ class Attempt:
     handshake) is handed to the socket: from then on, the command may have run.
     """
 
-    __slots__ = ("deadline", "sent")
+    __slots__ = ("deadline", "expired", "sent")
 
     def __init__(self, deadline: float | None) -> None:
         self.deadline = deadline
         self.sent = False
+        #: Set by the asyncio watchdog when it cancels the attempt at its deadline.
+        self.expired = False
 
 
 CURRENT_ATTEMPT: ContextVar[Attempt | None] = ContextVar("otel_redis_resilience_attempt", default=None)

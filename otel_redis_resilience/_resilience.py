@@ -67,8 +67,9 @@ class Resilience:
             are switched off (``max_attempts`` here is the single retry layer)
             and its connection class gets deadline and send-tracking hooks.
             For an asyncio client ``socket_timeout`` is cleared: this library
-            bounds every attempt with ``asyncio.timeout`` instead, because
-            redis-py's ``asyncio.wait_for`` can swallow a cancellation on 3.11.
+            bounds every attempt itself, by cancelling it at its deadline (one
+            watchdog timer per event loop), because redis-py's
+            ``asyncio.wait_for`` can swallow a cancellation on 3.11.
         retry: How failed attempts are retried.
         breaker: When the breaker opens and how it recovers.
         deadline: Default total Redis time per request scope, in seconds

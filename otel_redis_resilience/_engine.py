@@ -92,8 +92,8 @@ class Core:
         if due:
             self.start_probe()
 
-    @property
     def state(self) -> BreakerState:
+        """The breaker's current state (the telemetry's state source)."""
         return self.breaker.state
 
     def force_open(self) -> None:

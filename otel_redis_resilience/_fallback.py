@@ -54,6 +54,15 @@ def make_fallback_decorator(
 
     def decorate(fn: F) -> F:
         name = getattr(fn, "__qualname__", "fallback")
+
+        def fall_back(exc: Exception, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            """The fallback result (a coroutine for an async ``func``), or re-raise ``exc``."""
+            reason = unavailability_reason(exc)
+            if reason is None:
+                raise exc
+            telemetry.fallback(name, kind, reason, current_scope())
+            return value if func is None else func(*args, **kwargs)
+
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
@@ -61,13 +70,7 @@ def make_fallback_decorator(
                 try:
                     return await fn(*args, **kwargs)
                 except Exception as exc:
-                    reason = unavailability_reason(exc)
-                    if reason is None:
-                        raise
-                    telemetry.fallback(name, kind, reason, current_scope())
-                    if func is None:
-                        return value
-                    result = func(*args, **kwargs)
+                    result = fall_back(exc, args, kwargs)
                     return await result if func_is_async else result
 
             return cast(F, async_wrapper)
@@ -81,13 +84,7 @@ def make_fallback_decorator(
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
-                reason = unavailability_reason(exc)
-                if reason is None:
-                    raise
-                telemetry.fallback(name, kind, reason, current_scope())
-                if func is None:
-                    return value
-                return func(*args, **kwargs)
+                return fall_back(exc, args, kwargs)
 
         return cast(F, wrapper)
 
@@ -159,10 +156,6 @@ def miss_reply(name: str, args: Sequence[Any]) -> Any:
     if name == "TYPE":
         return b"none"
     return None
-
-
-def is_read(name: str) -> bool:
-    return name in READ_COMMANDS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -136,7 +136,7 @@ class Resilience:
             capture_statement=capture_statement,
         )
         self._core = Core(endpoint=self.endpoint, retry=retry, breaker=breaker, telemetry=self._telemetry)
-        self._telemetry.state_source = self._core_state
+        self._telemetry.state_source = self._core.state
         self._core.start_probe = self._start_probe
         if last_known_good is not None:
             if not isinstance(last_known_good, LastKnownGoodPolicy):
@@ -179,9 +179,6 @@ class Resilience:
             conn.retry = no_retry
             if self._is_async:
                 conn.socket_timeout = None
-
-    def _core_state(self) -> BreakerState:
-        return self._core.breaker.state
 
     # -- public API ---------------------------------------------------------------
 

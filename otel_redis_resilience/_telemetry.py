@@ -6,6 +6,7 @@ failure is caught and logged (rate-limited).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -183,6 +184,12 @@ def _version() -> str:
     return __version__
 
 
+@functools.lru_cache(maxsize=64)
+def _end_attrs(attempts: int, outcome: str) -> dict[str, Any]:
+    # Shared, never mutated: the SDK copies attributes it is handed.
+    return {"redis.resilience.attempts": attempts, "redis.resilience.outcome": outcome}
+
+
 def _sanitize(args: Sequence[Any]) -> str:
     if not args:
         return ""
@@ -274,17 +281,17 @@ class Telemetry:
                     base["redis.resilience.breaker.state"] = state.value
                 if len(self._span_attrs) < 4096:
                     self._span_attrs[key] = base
+            if op.pipeline is not None and len(op.pipeline) >= 2:
+                # In with the rest at start: a later set_attributes() costs the SDK
+                # another lock and validation pass on every pipeline.
+                base = {**base, "db.operation.batch.size": len(op.pipeline)}
             span = tracer.start_span(op.name, kind=SpanKind.CLIENT, attributes=base)
-            if span.is_recording() and (op.pipeline is not None or self.capture_statement):
-                extra: dict[str, Any] = {}
-                if op.pipeline is not None and len(op.pipeline) >= 2:
-                    extra["db.operation.batch.size"] = len(op.pipeline)
-                if self.capture_statement:
-                    if op.pipeline is not None:
-                        extra["db.query.text"] = "; ".join(_sanitize(c) for c, _ in op.pipeline)[:2048]
-                    else:
-                        extra["db.query.text"] = _sanitize(op.args)
-                span.set_attributes(extra)
+            if self.capture_statement and span.is_recording():
+                if op.pipeline is not None:
+                    text = "; ".join(_sanitize(c) for c, _ in op.pipeline)[:2048]
+                else:
+                    text = _sanitize(op.args)
+                span.set_attribute("db.query.text", text)
             op.span = span
             op.token = otel_context.attach(trace.set_span_in_context(span))
         except Exception:
@@ -364,10 +371,13 @@ class Telemetry:
                     otel_context.detach(op.token)
                     op.token = None
                 if span.is_recording():
-                    end_attrs: dict[str, Any] = {
-                        "redis.resilience.attempts": op.attempts,
-                        "redis.resilience.outcome": outcome,
-                    }
+                    if exc is None:
+                        end_attrs = _end_attrs(op.attempts, outcome)
+                    else:
+                        end_attrs = {
+                            "redis.resilience.attempts": op.attempts,
+                            "redis.resilience.outcome": outcome,
+                        }
                     if exc is not None and outcome != "cancelled":
                         end_attrs["error.type"] = etype or ""
                         if outcome == "error" and etype and etype.isupper():

@@ -285,6 +285,7 @@ def test_deadline_is_shared_by_the_whole_scope(mode: str, proxy: FaultProxy, run
     r = make(runners, mode, proxy.host, proxy.port, retry=RetryPolicy(attempt_timeout=None))
     r.call("ping")
     proxy.set_mode("latency", latency=0.05)  # ~100 ms per round trip
+
     def many_gets() -> None:
         if r.loop is None:
             with r.res.request(deadline=0.25) as h:

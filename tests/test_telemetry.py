@@ -368,3 +368,83 @@ def test_outage_logs_are_rate_limited_and_transitions_logged(
     assert len(records) < 15, [r.getMessage() for r in records]
     assert not any(redis_server.host in r.getMessage() and r.getMessage().split()[-1] == "k" for r in records)
     res.close()
+
+
+_NO_SDK_SCRIPT = r"""
+import asyncio, importlib.abc, json, logging, sys
+
+class NoSdk(importlib.abc.MetaPathFinder):
+    # Behaves as if opentelemetry-sdk were not installed.
+    def find_spec(self, name, path=None, target=None):
+        if name == "opentelemetry.sdk" or name.startswith("opentelemetry.sdk."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, NoSdk())
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
+import redis, redis.asyncio
+from otel_redis_resilience import BreakerState, RedisUnavailable, Resilience
+
+host, port = sys.argv[1], int(sys.argv[2])
+events = []
+res = Resilience(redis.Redis(host=host, port=port), hooks=[lambda e: events.append(type(e).__name__)])
+with res.request() as h:
+    h.set("nosdk", "1")
+    got = h.get("nosdk")
+    pipe = h.pipeline(transaction=False)
+    pipe.incr("nosdk")
+    pipe.get("nosdk")
+    piped = pipe.execute()
+res.force_open()
+with res.request() as h:
+    missed = h.miss_on_outage().get("nosdk")
+    try:
+        h.get("nosdk")
+        rejected = None
+    except RedisUnavailable as exc:
+        rejected = exc.reason
+res.reset()
+
+async def main():
+    ares = Resilience(redis.asyncio.Redis(host=host, port=port))
+    async with ares.request() as h:
+        value = await h.get("nosdk")
+    ares.close()
+    await ares.client.aclose()
+    return value
+
+avalue = asyncio.run(main())
+print(json.dumps({
+    "got": got.decode(), "piped": [piped[0], piped[1].decode()], "missed": missed, "rejected": rejected,
+    "async": avalue.decode(), "state": res.breaker_state.value, "events": sorted(set(events)),
+    "sdk_loaded": sorted(m for m in sys.modules if m.startswith("opentelemetry.sdk")),
+}))
+"""
+
+
+def test_works_and_reports_to_hooks_with_no_sdk_installed(clean_redis: RedisServer) -> None:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_SDK_SCRIPT, clean_redis.host, str(clean_redis.port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["sdk_loaded"] == []
+    assert out["got"] == "1"
+    assert out["piped"] == [2, "2"]
+    assert out["async"] == "2"
+    assert out["missed"] is None
+    assert out["rejected"] == "breaker_open"
+    assert out["state"] == "closed"
+    assert {"OperationFinished", "BreakerTransitioned", "CallRejected", "FallbackUsed"} <= set(out["events"])
+    # Logging does not need the SDK either: transitions are logged, WARNING on open and INFO on close.
+    assert "WARNING Redis " in proc.stdout
+    assert "closed -> open (forced_open)" in proc.stdout
+    assert "INFO Redis " in proc.stdout
+    assert "open -> closed (reset)" in proc.stdout

@@ -59,6 +59,10 @@ class Core:
             ratio=retry.budget_ratio, min_per_second=retry.budget_min_per_second, window=retry.budget_window
         )
         self.random = random.Random()
+        #: One attempt's bound before deadlines: ``retry.attempt_timeout``, or for an
+        #: asyncio client whose policy says None, the client's own socket_timeout (the
+        #: owner moves it here, since attempts are bounded by cancellation, not by it).
+        self.attempt_timeout = retry.attempt_timeout
         #: Set by the owner: starts a background probe (thread or task).
         self.start_probe: Any = None
         #: The last-known-good store, when enabled.
@@ -209,7 +213,7 @@ class Operation:
         self.permit = permit
         self.attempts += 1
         self.attempt_started = now
-        timeout = core.retry.attempt_timeout
+        timeout = core.attempt_timeout
         if self.pipeline is None and self.name[0] in "BXW":
             block = block_seconds(self.name, self.args)
             if block is not None:

@@ -166,6 +166,12 @@ class Resilience:
         no_retry = Retry(NoBackoff(), 0)
         pool.connection_kwargs["retry"] = no_retry
         if self._is_async:
+            # Async attempts are bounded by cancellation (one watchdog timer per loop),
+            # not by redis-py's per-read timeout; with attempt_timeout=None the client's
+            # socket_timeout becomes that bound, so "None" still means "the client's".
+            socket_timeout = pool.connection_kwargs.get("socket_timeout")
+            if self._core.attempt_timeout is None and socket_timeout:
+                self._core.attempt_timeout = float(socket_timeout)
             pool.connection_kwargs["socket_timeout"] = None
         checks = bool(pool.connection_kwargs.get("health_check_interval"))
         pool.connection_class = hooked_class(

@@ -148,6 +148,27 @@ def test_get_on_blackholed_server_returns_within_deadline(
         assert 0.25 < took < 0.3 + 0.1
 
 
+def test_attempt_timeout_none_leaves_the_clients_socket_timeout_in_charge(
+    mode: str, proxy: FaultProxy, runners: list[Runner]
+) -> None:
+    # asyncio clients have their socket_timeout moved from redis-py's reads to the
+    # attempt watchdog; it must still bound the attempt. The 5 s scope deadline only
+    # guards against a hang: an unbounded attempt would end there instead.
+    r = make(
+        runners,
+        mode,
+        proxy.host,
+        proxy.port,
+        client_kw={"socket_timeout": 0.3},
+        retry=RetryPolicy(attempt_timeout=None, max_attempts=1),
+    )
+    proxy.set_mode("blackhole")
+    took, out = r.timed("get", "k", deadline=5.0)
+    assert isinstance(out, RedisUnavailable)
+    assert out.reason == "retries_exhausted"
+    assert 0.25 < took < 0.3 + 0.5
+
+
 def test_incr_with_lost_reply_is_applied_once_set_is_retried(
     mode: str, redis_server: RedisServer, proxy: FaultProxy, runners: list[Runner]
 ) -> None:

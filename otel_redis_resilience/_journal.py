@@ -37,6 +37,8 @@ from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from ._errors import ConfigurationError
+
 __all__ = [
     "DATABASE_FILENAME",
     "DeadEntry",
@@ -216,34 +218,40 @@ class JournalConfig:
     def __post_init__(self) -> None:
         directory: object = self.directory
         if not isinstance(directory, str | os.PathLike):
-            raise ValueError(f"JournalConfig.directory must be a str or os.PathLike, got {directory!r}")
+            raise ConfigurationError(
+                f"JournalConfig.directory must be a str or os.PathLike, got {directory!r}"
+            )
         path = os.fspath(directory)
         if not isinstance(path, str) or not path:
-            raise ValueError(f"JournalConfig.directory must be a non-empty text path, got {directory!r}")
+            raise ConfigurationError(
+                f"JournalConfig.directory must be a non-empty text path, got {directory!r}"
+            )
         for name in ("max_entries", "max_bytes"):
             value: object = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"JournalConfig.{name} must be an int >= 1, got {value!r}")
+                raise ConfigurationError(f"JournalConfig.{name} must be an int >= 1, got {value!r}")
         fsync: object = self.fsync
         if fsync not in _SYNCHRONOUS:
-            raise ValueError(f"JournalConfig.fsync must be one of 'always', 'normal', 'off', got {fsync!r}")
+            raise ConfigurationError(
+                f"JournalConfig.fsync must be one of 'always', 'normal', 'off', got {fsync!r}"
+            )
         prefix: object = self.marker_prefix
         if not isinstance(prefix, str) or not prefix:
-            raise ValueError(f"JournalConfig.marker_prefix must be a non-empty str, got {prefix!r}")
+            raise ConfigurationError(f"JournalConfig.marker_prefix must be a non-empty str, got {prefix!r}")
         ttl = _finite(self.marker_ttl)
         # Below one second the marker could expire before the batch that set it is acknowledged.
         if ttl is None or ttl < 1:
-            raise ValueError(
+            raise ConfigurationError(
                 f"JournalConfig.marker_ttl must be a finite number of seconds >= 1, got {self.marker_ttl!r}"
             )
         lease = _finite(self.lease_seconds)
         if lease is None or lease <= 0:
-            raise ValueError(
+            raise ConfigurationError(
                 f"JournalConfig.lease_seconds must be a finite number > 0, got {self.lease_seconds!r}"
             )
         busy = _finite(self.busy_timeout)
         if busy is None or busy < 0:
-            raise ValueError(
+            raise ConfigurationError(
                 f"JournalConfig.busy_timeout must be a finite number >= 0, got {self.busy_timeout!r}"
             )
 

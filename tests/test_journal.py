@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from otel_redis_resilience import ConfigurationError
 from otel_redis_resilience._journal import (
     APPLICATION_ID,
     DATABASE_FILENAME,
@@ -621,11 +622,11 @@ def test_config_defaults(tmp_path: Path) -> None:
     ],
 )
 def test_config_validation_names_the_field(tmp_path: Path, field: str, value: object) -> None:
-    with pytest.raises(ValueError, match=rf"JournalConfig\.{field}\b"):
+    with pytest.raises(ConfigurationError, match=rf"JournalConfig\.{field}\b"):
         JournalConfig(tmp_path, **{field: value})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("directory", ["", 5, None, b"/tmp/x"])
 def test_config_validation_directory(directory: object) -> None:
-    with pytest.raises(ValueError, match=r"JournalConfig\.directory"):
+    with pytest.raises(ConfigurationError, match=r"JournalConfig\.directory"):
         JournalConfig(directory)  # type: ignore[arg-type]

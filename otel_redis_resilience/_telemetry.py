@@ -475,26 +475,39 @@ class Telemetry:
         """A write was journaled for write-behind instead of applied now."""
         self.fallback(operation, "write_behind", reason, scope)
 
-    def replayed(self, totals: Any) -> None:
-        """A write-behind replay batch ran (background: its own span)."""
+    def replayed(self, totals: Any, started_ns: int, failure: BaseException | None) -> None:
+        """A write-behind replay run ended (background: its own span, covering the run).
+
+        ``totals`` is None when the run raised ``failure`` instead of returning.
+        """
+        if failure is not None:
+            _ratelimited(
+                f"replay:{self.endpoint}",
+                logging.ERROR,
+                "Redis %s write-behind replay failed (%s); it will be retried",
+                self.endpoint,
+                error_type(failure),
+            )
+            logger.debug("write-behind replay failure", exc_info=failure)
         tracer = self._get_tracer()
         if tracer is None:
             return
         try:
-            span = tracer.start_span("redis.resilience.writebehind.replay", kind=SpanKind.INTERNAL)
+            span = tracer.start_span(
+                "redis.resilience.writebehind.replay", kind=SpanKind.INTERNAL, start_time=started_ns
+            )
             if span.is_recording():
-                span.set_attributes(
-                    {
-                        **self._span_base,
-                        "redis.resilience.writebehind.applied": totals.applied,
-                        "redis.resilience.writebehind.duplicates": totals.duplicates,
-                        "redis.resilience.writebehind.dead": totals.dead,
-                        "redis.resilience.writebehind.remaining": totals.remaining,
-                    }
-                )
-                if totals.error is not None:
-                    span.set_attribute("error.type", error_type(totals.error))
-                    span.set_status(Status(StatusCode.ERROR, type(totals.error).__name__))
+                attrs = dict(self._span_base)
+                if totals is not None:
+                    attrs["redis.resilience.writebehind.applied"] = totals.applied
+                    attrs["redis.resilience.writebehind.duplicates"] = totals.duplicates
+                    attrs["redis.resilience.writebehind.dead"] = totals.dead
+                    attrs["redis.resilience.writebehind.remaining"] = totals.remaining
+                error = failure if totals is None else totals.error
+                if error is not None:
+                    attrs["error.type"] = error_type(error)
+                    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+                span.set_attributes(attrs)
             span.end()
         except Exception:
             _log_telemetry_failure()

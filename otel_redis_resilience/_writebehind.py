@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -22,12 +21,11 @@ from ._context import CURRENT_ATTEMPT, Attempt
 from ._errors import RedisUnavailable
 from ._journal import Journal, JournalConfig, JournalFullError
 from ._replay import ReplayTotals, replay_all_async, replay_all_sync
-from ._safety import IDEMPOTENT_WRITES, READ_COMMANDS
+from ._safety import IDEMPOTENT_WRITES, READ_COMMANDS, command_name
 
 if TYPE_CHECKING:
     from ._engine import Core
 
-logger = logging.getLogger("otel_redis_resilience")
 
 #: The configuration of the write-behind journal (see :class:`JournalConfig`).
 WriteBehindConfig = JournalConfig
@@ -125,7 +123,7 @@ class WriteBehind:
         except JournalFullError:
             self._rejected.add(1, {"reason": "journal_full", **self.core.telemetry.server_attrs})
             raise
-        self.core.telemetry.journaled(str(args[0]).upper(), reason, scope)
+        self.core.telemetry.journaled(command_name(args), reason, scope)
         return Journaled(entry_id, reason)
 
     # -- replay -------------------------------------------------------------------
@@ -171,15 +169,19 @@ class WriteBehind:
             return float(min(lease, 0.1 * 2 ** min(self._failed_runs - 1, 6)))
         return lease
 
-    def _note(self, totals: ReplayTotals | None) -> bool:
-        """Record a run's result; True if replay should stop for now."""
+    def _note(self, totals: ReplayTotals | None, failure: Exception | None, started_ns: int) -> bool:
+        """Record a run's result and report it; True if replay should stop for now."""
+        telemetry = self.core.telemetry
         if totals is None or totals.error is not None:
             self._failed_runs += 1
+            telemetry.replayed(totals, started_ns, failure)
             return True
         self._failed_runs = 0
         if totals.applied or totals.duplicates:
-            self._replayed.add(totals.applied + totals.duplicates, self.core.telemetry.server_attrs)
-        self.core.telemetry.replayed(totals)
+            self._replayed.add(totals.applied + totals.duplicates, telemetry.server_attrs)
+        if totals.lease_acquired:
+            # A run that found another process holding the lease did nothing: no span.
+            telemetry.replayed(totals, started_ns, None)
         return not totals.lease_acquired or totals.batches == 0
 
     def _run_sync(self) -> None:
@@ -187,17 +189,17 @@ class WriteBehind:
             self._wake.wait(self._idle_wait())
             self._wake.clear()
             while not self._closed and self._ready() and self.journal.pending_count():
+                started_ns = time.time_ns()
                 token = CURRENT_ATTEMPT.set(Attempt(time.monotonic() + _BATCH_DEADLINE))
                 totals: ReplayTotals | None = None
+                failure: Exception | None = None
                 try:
                     totals = replay_all_sync(self.client, self.journal, max_batches=1)
-                except Exception:
-                    logger.exception("write-behind replay failed; will retry")
+                except Exception as exc:
+                    failure = exc
                 finally:
                     CURRENT_ATTEMPT.reset(token)
-                if totals is not None and totals.error is not None:
-                    self.core.telemetry.replayed(totals)
-                if self._note(totals):
+                if self._note(totals, failure, started_ns):
                     break
 
     async def _run_async(self) -> None:
@@ -214,15 +216,15 @@ class WriteBehind:
                 and self._ready()
                 and (await asyncio.to_thread(self.journal.pending_count)) > 0
             ):
+                started_ns = time.time_ns()
                 totals: ReplayTotals | None = None
+                failure: Exception | None = None
                 try:
                     async with asyncio.timeout(_BATCH_DEADLINE):
                         totals = await replay_all_async(self.client, self.journal, max_batches=1)
-                except Exception:
-                    logger.exception("write-behind replay failed; will retry")
-                if totals is not None and totals.error is not None:
-                    self.core.telemetry.replayed(totals)
-                if self._note(totals):
+                except Exception as exc:
+                    failure = exc
+                if self._note(totals, failure, started_ns):
                     break
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -334,6 +335,35 @@ def test_write_behind_metrics_and_replay_span(otel: Otel, redis_server: RedisSer
     replay_spans = otel.spans("redis.resilience.writebehind.replay")
     assert replay_spans
     assert sum((s.attributes or {})["redis.resilience.writebehind.applied"] for s in replay_spans) == 3
+    for span in replay_spans:
+        # Each span covers its run (a batch round trip at least), not a zero-length marker.
+        assert span.end_time is not None
+        assert span.start_time is not None
+        assert span.end_time > span.start_time
+        assert (span.attributes or {})["server.port"] == redis_server.port
+    res.close()
+
+
+def test_replay_failures_are_logged_rate_limited_and_traced(
+    otel: Otel, clean_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    res = Resilience(
+        redis.Redis(host=clean_redis.host, port=clean_redis.port),
+        tracer_provider=otel.tp,
+        meter_provider=otel.mp,
+    )
+    telemetry = res._core.telemetry
+    caplog.set_level(logging.DEBUG, logger="otel_redis_resilience")
+    for _ in range(50):
+        telemetry.replayed(None, time.time_ns(), RuntimeError("secret-key-name"))
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "write-behind replay failed (RuntimeError)" in errors[0].getMessage()
+    assert all("secret-key-name" not in r.getMessage() for r in caplog.records)
+    spans = otel.spans("redis.resilience.writebehind.replay")
+    assert len(spans) == 50
+    assert spans[0].status.status_code is StatusCode.ERROR
+    assert (spans[0].attributes or {})["error.type"] == "RuntimeError"
     res.close()
 
 

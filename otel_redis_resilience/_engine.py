@@ -85,7 +85,8 @@ class Core:
         self.telemetry.transitions(moved)
         if moved[-1].new is BreakerState.OPEN:
             self.maybe_probe()
-        elif moved[-1].new is BreakerState.CLOSED and self.write_behind is not None:
+        elif self.write_behind is not None:
+            # Out of OPEN (a probe answered, or the breaker closed): journaled writes can go.
             self.write_behind.kick()
 
     def maybe_probe(self) -> None:

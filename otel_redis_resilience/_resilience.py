@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import threading
@@ -268,7 +269,10 @@ class Resilience:
             except RuntimeError:
                 self._core.probe_finished()
                 return
-            self._probe_task = loop.create_task(self._probe_loop_async(), name="otel-redis-resilience-probe")
+            # A fresh context, like the sync probe's thread: no request's trace, scope or attempt.
+            self._probe_task = loop.create_task(
+                self._probe_loop_async(), name="otel-redis-resilience-probe", context=contextvars.Context()
+            )
         else:
             thread = threading.Thread(
                 target=self._probe_loop_sync, name=f"otel-redis-resilience-probe-{self.endpoint}", daemon=True

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 import time
 from collections.abc import Sequence
@@ -141,7 +142,11 @@ class WriteBehind:
                 return
             if self._task is None or self._task.done() or self._task.get_loop() is not loop:
                 self._awake = asyncio.Event()
-                self._task = loop.create_task(self._run_async(), name="otel-redis-resilience-replay")
+                # A fresh context: the task outlives the request that started it, and
+                # must not carry its trace, scope or attempt.
+                self._task = loop.create_task(
+                    self._run_async(), name="otel-redis-resilience-replay", context=contextvars.Context()
+                )
             if self._awake is not None:
                 self._awake.set()
             return
@@ -155,7 +160,9 @@ class WriteBehind:
     def _ready(self) -> bool:
         from ._breaker import BreakerState
 
-        return self.core.breaker.state is BreakerState.CLOSED
+        # Half-open too: the probe has seen Redis answer, and a quiet service may send
+        # no trial call for a long time; replay is idempotent if Redis fails again.
+        return self.core.breaker.state is not BreakerState.OPEN
 
     def _idle_wait(self) -> float | None:
         # Entries left after a failed run (often a stale pooled connection just

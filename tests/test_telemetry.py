@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -478,3 +479,58 @@ def test_works_and_reports_to_hooks_with_no_sdk_installed(clean_redis: RedisServ
     assert "closed -> open (forced_open)" in proc.stdout
     assert "INFO Redis " in proc.stdout
     assert "open -> closed (reset)" in proc.stdout
+
+
+async def test_async_background_work_does_not_inherit_the_requests_trace(
+    otel: Otel, redis_server: RedisServer, tmp_path: Any
+) -> None:
+    # The replayer and the probe are long-lived tasks started from inside a request;
+    # their spans must not land in that request's trace. The probe's PINGs are seen
+    # through contrib's RedisInstrumentor, as a user debugging with it would see them.
+    import redis.asyncio
+    from opentelemetry.instrumentation.redis import RedisInstrumentor
+
+    from otel_redis_resilience import Journaled, WriteBehindConfig
+
+    instrumentor = RedisInstrumentor()
+    instrumentor.instrument(tracer_provider=otel.tp)
+    client = redis.asyncio.Redis(host=redis_server.host, port=redis_server.port)
+    res = Resilience(
+        client,
+        retry=RetryPolicy(attempt_timeout=0.2, max_attempts=1),
+        breaker=BreakerPolicy(failure_threshold=1, probe_interval=0.05, half_open_max_calls=1),
+        tracer_provider=otel.tp,
+        meter_provider=otel.mp,
+        write_behind=WriteBehindConfig(tmp_path / "j", fsync="off"),
+    )
+    try:
+        redis_server.kill()
+        with otel.tracer.start_as_current_span("request") as request_span:
+            async with res.request() as h:
+                with contextlib.suppress(RedisUnavailable):
+                    await h.get("k")  # opens the breaker: the probe task starts here
+                assert isinstance(await h.write_behind().rpush("l", "x"), Journaled)
+        await asyncio.sleep(0.3)  # a few failing probe PINGs while Redis is down
+        redis_server.restart()
+        end = time.monotonic() + 20
+        # No request traffic: the probe moves the breaker to half-open and the replayer drains.
+        while res.write_behind_journal.pending_count() and time.monotonic() < end:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        pending, state = res.write_behind_journal.pending_count(), res.breaker_state.value
+    finally:
+        instrumentor.uninstrument()
+        res.close()
+        await client.aclose()
+    assert pending == 0
+    assert state == "half_open"
+    request_trace = request_span.get_span_context().trace_id
+    replays = otel.spans("redis.resilience.writebehind.replay")
+    assert replays
+    assert all(s.parent is None for s in replays)
+    pings = [
+        s for s in otel.spans("PING") if s.instrumentation_scope and "redis" in s.instrumentation_scope.name
+    ]
+    assert pings  # the probe ran, and contrib saw it
+    in_request = [s for s in otel.spans() if s.context.trace_id == request_trace]
+    # Ours and contrib's GET, our journaled RPUSH, the request: nothing from the background.
+    assert sorted(s.name for s in in_request) == ["GET", "GET", "RPUSH", "request"]

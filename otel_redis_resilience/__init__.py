@@ -19,7 +19,7 @@ from ._resilience import RequestContext, Resilience
 from ._safety import IDEMPOTENT_WRITES, READ_COMMANDS
 from ._scope import NoActiveRequest, RequestScope, current_redis, current_scope
 from ._testing import is_testing, set_testing
-from ._writebehind import Journaled, WriteBehindConfig, WriteBehindError
+from ._writebehind import WRITE_BEHIND_COMMANDS, Journaled, WriteBehindConfig, WriteBehindError
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ del _obj
 __all__ = [
     "IDEMPOTENT_WRITES",
     "READ_COMMANDS",
+    "WRITE_BEHIND_COMMANDS",
     "BreakerPolicy",
     "BreakerState",
     "BreakerTransitioned",

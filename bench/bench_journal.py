@@ -189,7 +189,10 @@ def main() -> None:
     parser.add_argument("--appends", type=int, default=5000, help="appends per fsync policy")
     parser.add_argument("--replay", type=int, default=20_000, help="entries to replay")
     parser.add_argument("--batch-size", type=int, default=500, help="replay batch size")
+    parser.add_argument("--quick", action="store_true", help="500 appends, 2000 entries replayed")
     args = parser.parse_args()
+    if args.quick:
+        args.appends, args.replay = min(args.appends, 500), min(args.replay, 2000)
 
     base = Path(tempfile.mkdtemp(prefix="bench-journal-"))
     try:

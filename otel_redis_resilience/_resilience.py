@@ -152,25 +152,29 @@ class Resilience:
                     f"Resilience(write_behind=...) must be a WriteBehindConfig, got {write_behind!r}"
                 )
             self._core.write_behind = WriteBehind(write_behind, self._core, client, is_async=self._is_async)
-            if not self._is_async:
-                self._core.write_behind.kick()
         self._handle_cls = (_async.handle_class if self._is_async else _sync.handle_class)(type(client))
         self._probe_task: asyncio.Task[None] | None = None
         self._probe_thread: threading.Thread | None = None
         self._closed = False
         self._install()
+        if self._core.write_behind is not None and not self._is_async:
+            # After _install: the replayer's first run must use hooked, non-retrying connections.
+            self._core.write_behind.kick()
 
     # -- set-up -----------------------------------------------------------------
 
     def _install(self) -> None:
-        pool = self.client.connection_pool
+        pool: Any = self.client.connection_pool
         no_retry = Retry(NoBackoff(), 0)
         pool.connection_kwargs["retry"] = no_retry
         if self._is_async:
             # Async attempts are bounded by cancellation (one watchdog timer per loop),
             # not by redis-py's per-read timeout; with attempt_timeout=None the client's
             # socket_timeout becomes that bound, so "None" still means "the client's".
-            socket_timeout = pool.connection_kwargs.get("socket_timeout")
+            # Kept on the pool: a second Resilience on the same client must find it too.
+            if not hasattr(pool, "_orr_socket_timeout"):
+                pool._orr_socket_timeout = pool.connection_kwargs.get("socket_timeout")
+            socket_timeout = pool._orr_socket_timeout
             if self._core.attempt_timeout is None and socket_timeout:
                 self._core.attempt_timeout = float(socket_timeout)
             pool.connection_kwargs["socket_timeout"] = None
@@ -196,7 +200,7 @@ class Resilience:
         return None if wb is None else wb.journal
 
     def replay_now(self) -> None:
-        """Ask the write-behind replayer to run now (it also runs by itself when the breaker closes)."""
+        """Ask the write-behind replayer to run now (it also runs by itself once the breaker leaves open)."""
         if self._core.write_behind is not None:
             self._core.write_behind.kick()
 

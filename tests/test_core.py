@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 
 from otel_redis_resilience import (
     BreakerPolicy,
@@ -15,6 +16,7 @@ from otel_redis_resilience import (
     BreakerTransitioned,
     CallRejected,
     RedisUnavailable,
+    Resilience,
     RetryPolicy,
     RetryScheduled,
     set_testing,
@@ -167,6 +169,28 @@ def test_attempt_timeout_none_leaves_the_clients_socket_timeout_in_charge(
     assert isinstance(out, RedisUnavailable)
     assert out.reason == "retries_exhausted"
     assert 0.25 < took < 0.3 + 0.5
+
+
+async def test_socket_timeout_bound_survives_a_second_resilience_on_one_client(proxy: FaultProxy) -> None:
+    # The first Resilience moves the asyncio client's socket_timeout to its watchdog; a
+    # second one (another config, an app reload) must still find it as its bound.
+    client = redis.asyncio.Redis(host=proxy.host, port=proxy.port, socket_timeout=0.3)
+    policy = RetryPolicy(attempt_timeout=None, max_attempts=1)
+    first = Resilience(client, retry=policy)
+    second = Resilience(client, retry=policy)
+    proxy.set_mode("blackhole")
+    try:
+        for res in (first, second):
+            started = time.monotonic()
+            with pytest.raises(RedisUnavailable) as info:
+                async with res.request(deadline=5.0) as h:  # the deadline only guards a hang
+                    await h.get("k")
+            assert info.value.reason == "retries_exhausted"
+            assert time.monotonic() - started < 0.3 + 0.5
+    finally:
+        first.close()
+        second.close()
+        await client.aclose()
 
 
 def test_incr_with_lost_reply_is_applied_once_set_is_retried(

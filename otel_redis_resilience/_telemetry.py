@@ -6,7 +6,6 @@ failure is caught and logged (rate-limited).
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
@@ -182,12 +181,6 @@ def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-@functools.lru_cache(maxsize=64)
-def _end_attrs(attempts: int, outcome: str) -> dict[str, Any]:
-    # Shared, never mutated: the SDK copies attributes it is handed.
-    return {"redis.resilience.attempts": attempts, "redis.resilience.outcome": outcome}
 
 
 def _sanitize(args: Sequence[Any]) -> str:
@@ -371,13 +364,10 @@ class Telemetry:
                     otel_context.detach(op.token)
                     op.token = None
                 if span.is_recording():
-                    if exc is None:
-                        end_attrs = _end_attrs(op.attempts, outcome)
-                    else:
-                        end_attrs = {
-                            "redis.resilience.attempts": op.attempts,
-                            "redis.resilience.outcome": outcome,
-                        }
+                    end_attrs: dict[str, Any] = {
+                        "redis.resilience.attempts": op.attempts,
+                        "redis.resilience.outcome": outcome,
+                    }
                     if exc is not None and outcome != "cancelled":
                         end_attrs["error.type"] = etype or ""
                         if outcome == "error" and etype and etype.isupper():

@@ -3,7 +3,7 @@
 The decisions (may this command be written behind? apply now or journal?) are
 pure functions here; the sync and async handles only do the I/O. Replay runs in
 the background (a thread for sync clients, a task for asyncio) once the breaker
-is closed, through :mod:`._replay`, which applies each entry together with a
+is no longer open, through :mod:`._replay`, which applies each entry together with a
 marker of its id in one Lua step so an interrupted replay never applies twice.
 """
 
@@ -130,7 +130,7 @@ class WriteBehind:
     # -- replay -------------------------------------------------------------------
 
     def kick(self) -> None:
-        """Ask the replayer to run (after a write was journaled, or the breaker closed)."""
+        """Ask the replayer to run (after a write was journaled, or the breaker left open)."""
         if self._closed:
             return
         self.needs_start = False
@@ -160,8 +160,10 @@ class WriteBehind:
     def _ready(self) -> bool:
         from ._breaker import BreakerState
 
-        # Half-open too: the probe has seen Redis answer, and a quiet service may send
-        # no trial call for a long time; replay is idempotent if Redis fails again.
+        # Half-open too: usually the probe has just seen Redis answer, and a quiet
+        # service may send no trial call for a long time. If Redis is still down
+        # (half-open after reset_timeout alone), the run fails and backs off; replay
+        # is idempotent, so nothing is lost or applied twice.
         return self.core.breaker.state is not BreakerState.OPEN
 
     def _idle_wait(self) -> float | None:
@@ -179,13 +181,14 @@ class WriteBehind:
     def _note(self, totals: ReplayTotals | None, failure: Exception | None, started_ns: int) -> bool:
         """Record a run's result and report it; True if replay should stop for now."""
         telemetry = self.core.telemetry
+        if totals is not None and (totals.applied or totals.duplicates):
+            # Counted also when the run then failed: a batch can be partly applied.
+            self._replayed.add(totals.applied + totals.duplicates, telemetry.server_attrs)
         if totals is None or totals.error is not None:
             self._failed_runs += 1
             telemetry.replayed(totals, started_ns, failure)
             return True
         self._failed_runs = 0
-        if totals.applied or totals.duplicates:
-            self._replayed.add(totals.applied + totals.duplicates, telemetry.server_attrs)
         if totals.lease_acquired:
             # A run that found another process holding the lease did nothing: no span.
             telemetry.replayed(totals, started_ns, None)

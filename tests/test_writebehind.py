@@ -23,6 +23,7 @@ import redis.asyncio
 
 from otel_redis_resilience import (
     BreakerPolicy,
+    BreakerState,
     ConfigurationError,
     Journaled,
     JournalFullError,
@@ -333,6 +334,31 @@ def test_corrupt_journal_is_a_clear_error_at_start(tmp_path: Path, clean_redis: 
     assert db.read_bytes() == before  # never discarded or overwritten
     with pytest.raises(ConfigurationError, match="WriteBehindConfig"):
         Resilience(redis.Redis(host=clean_redis.host, port=clean_redis.port), write_behind="/tmp/x")  # type: ignore[arg-type]
+
+
+def test_replay_drains_in_half_open_without_request_traffic(tmp_path: Path) -> None:
+    # A quiet service sends no trial call to close the breaker; once the probe has
+    # seen Redis answer, the journal must drain anyway.
+    with RedisServer(extra_args=AOF) as server:
+        client = redis.Redis(host=server.host, port=server.port)
+        res = Resilience(client, **FAST, write_behind=WriteBehindConfig(tmp_path / "j"))  # type: ignore[arg-type]
+        try:
+            server.kill()
+            with res.request() as h:
+                outs = [h.write_behind().incrby("n", 1) for _ in range(10)]
+            assert all(isinstance(o, Journaled) for o in outs)
+            assert res.breaker_state is BreakerState.OPEN
+            server.restart()
+            journal = res.write_behind_journal
+            deadline = time.monotonic() + 20
+            while journal.pending_count() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert journal.pending_count() == 0
+            assert res.breaker_state is BreakerState.HALF_OPEN  # no traffic has closed it
+            assert server.client().get("n") == b"10"
+        finally:
+            res.close()
+            client.close()
 
 
 async def test_async_write_behind_journals_and_replays(tmp_path: Path) -> None:

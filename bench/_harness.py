@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -76,22 +77,26 @@ def interleave(
     rounds: int,
     ops: int,
     warmup_rounds: int,
+    around: Callable[[str], AbstractContextManager[object]] | None = None,
 ) -> Results:
     """Run every variant once per round, rotating who goes first; µs/op per round.
 
     Each callable runs ``ops`` operations and returns the wall-clock nanoseconds they
     took (timed inside, with ``time.perf_counter_ns``); the thread's CPU time
     (``time.thread_time_ns``) is taken around the call. Warm-up rounds are run the
-    same way and thrown away.
+    same way and thrown away. ``around(name)``, if given, is a context entered before
+    and left after each variant's run, outside both timings (e.g. to instrument
+    redis-py for one variant only).
     """
     results = Results(name for name, _ in variants)
     n = len(variants)
     for r in range(warmup_rounds + rounds):
         for i in range(n):
             name, fn = variants[(r + i) % n]
-            cpu = time.thread_time_ns()
-            ns = fn(ops)
-            cpu = time.thread_time_ns() - cpu
+            with around(name) if around is not None else nullcontext():
+                cpu = time.thread_time_ns()
+                ns = fn(ops)
+                cpu = time.thread_time_ns() - cpu
             if r >= warmup_rounds:
                 results.add(name, ns, cpu, ops)
     return results

@@ -59,9 +59,10 @@ the handle's GET with traces+metrics.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -72,6 +73,7 @@ from _harness import (
     Results,
     environment,
     fmt_us,
+    interleave,
     median,
     p90,
     paired_ratio,
@@ -154,6 +156,18 @@ class Instrumentation:
         self.instrumentor.uninstrument()
         if is_patched():
             raise SystemExit("RedisInstrumentor left redis-py patched: the other variants would be polluted")
+
+    @contextlib.contextmanager
+    def around(self, variant: str) -> Iterator[None]:
+        """Instruments redis-py for the RedisInstrumentor variants only (outside their timing)."""
+        instrumented = variant.endswith(INSTRUMENTED)
+        if instrumented:
+            self.on()
+        try:
+            yield
+        finally:
+            if instrumented:
+                self.off()
 
 
 # -- variants -------------------------------------------------------------------------
@@ -242,33 +256,6 @@ def pipe_loop_scoped(res: Resilience) -> Callable[[int], int]:
         return _now() - t
 
     return run
-
-
-def run_rounds(
-    variants: Sequence[tuple[str, Callable[[int], int]]],
-    instrumentation: Instrumentation,
-    *,
-    rounds: int,
-    ops: int,
-    warmup_rounds: int,
-) -> Results:
-    """Round-robin over the variants (see ``_harness.interleave``), instrumenting around one."""
-    results = Results(name for name, _ in variants)
-    n = len(variants)
-    for r in range(warmup_rounds + rounds):
-        for i in range(n):
-            name, fn = variants[(r + i) % n]
-            instrumented = name.endswith(INSTRUMENTED)
-            if instrumented:
-                instrumentation.on()
-            cpu = time.thread_time_ns()
-            ns = fn(ops)
-            cpu = time.thread_time_ns() - cpu
-            if instrumented:
-                instrumentation.off()
-            if r >= warmup_rounds:
-                results.add(name, ns, cpu, ops)
-    return results
 
 
 # -- reporting ------------------------------------------------------------------------
@@ -505,7 +492,9 @@ def main() -> None:
             ("PIPE10 ours, traces+metrics", pipe_loop_scoped(full)),
         ]
         gc.collect()
-        results = run_rounds(variants, instrumentation, rounds=rounds, ops=ops, warmup_rounds=warmup)
+        results = interleave(
+            variants, rounds=rounds, ops=ops, warmup_rounds=warmup, around=instrumentation.around
+        )
         tp_instr.force_flush()
         tp_ours.force_flush()
         tp_traces.force_flush()

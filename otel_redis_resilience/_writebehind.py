@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._breaker import BreakerState
 from ._context import CURRENT_ATTEMPT, Attempt
 from ._errors import RedisUnavailable
 from ._journal import Journal, JournalConfig, JournalFullError
@@ -158,8 +159,6 @@ class WriteBehind:
             self._thread.start()
 
     def _ready(self) -> bool:
-        from ._breaker import BreakerState
-
         # Half-open too: usually the probe has just seen Redis answer, and a quiet
         # service may send no trial call for a long time. If Redis is still down
         # (half-open after reset_timeout alone), the run fails and backs off; replay
@@ -184,14 +183,13 @@ class WriteBehind:
         if totals is not None and (totals.applied or totals.duplicates):
             # Counted also when the run then failed: a batch can be partly applied.
             self._replayed.add(totals.applied + totals.duplicates, telemetry.server_attrs)
+        # A run that found another process holding the lease did nothing: no span.
+        if totals is None or totals.lease_acquired:
+            telemetry.replayed(totals, started_ns, failure)
         if totals is None or totals.error is not None:
             self._failed_runs += 1
-            telemetry.replayed(totals, started_ns, failure)
             return True
         self._failed_runs = 0
-        if totals.lease_acquired:
-            # A run that found another process holding the lease did nothing: no span.
-            telemetry.replayed(totals, started_ns, None)
         return not totals.lease_acquired or totals.batches == 0
 
     def _run_sync(self) -> None:

@@ -119,6 +119,22 @@ class Core:
             moved = self._drain_locked()
         self.after_transitions(moved)
 
+    def record_evidence(self, failed: bool, now: float, duration: float = 0.0) -> None:
+        """Evidence about Redis from work outside any request (write-behind replay).
+
+        Counts like one attempt when the breaker would admit one; while it is
+        open the evidence is dropped (the probe decides when it closes).
+        """
+        with self.lock:
+            permit = self.breaker.acquire(now)
+            if permit != REJECTED:
+                if failed:
+                    self.breaker.on_failure(permit, now)
+                else:
+                    self.breaker.on_success(permit, now, duration)
+            moved = self._drain_locked()
+        self.after_transitions(moved)
+
     def probe_wanted(self) -> bool:
         with self.lock:
             return self.breaker.probe_wanted()

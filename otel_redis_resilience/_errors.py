@@ -9,10 +9,13 @@ import redis.exceptions
 #: Why a call did not reach a usable reply from Redis.
 UnavailableReason = Literal[
     "breaker_open",
+    "breaker_opened",
     "retries_exhausted",
     "budget_exhausted",
     "deadline_exceeded",
     "unsafe_to_retry",
+    "write_refused",
+    "journal_failed",
 ]
 
 

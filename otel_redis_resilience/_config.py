@@ -141,6 +141,11 @@ class BreakerPolicy:
         probe_interval: Seconds between background health probes (a ``PING``)
             while open, or ``None`` to disable probes and wait ``reset_timeout``.
         probe_timeout: Seconds a probe may take.
+        evidence_floor: An attempt that timed out counts against the breaker
+            only if it was given at least this long (or its whole
+            ``attempt_timeout``). A caller whose own deadline left it 3 ms is
+            no evidence that Redis is down; a healthy Redis answers well within
+            this floor.
     """
 
     failure_threshold: int = 5
@@ -152,6 +157,7 @@ class BreakerPolicy:
     slow_call_threshold: float | None = None
     probe_interval: float | None = 0.5
     probe_timeout: float = 0.25
+    evidence_floor: float = 0.05
 
     def __post_init__(self) -> None:
         o = "BreakerPolicy"
@@ -166,6 +172,7 @@ class BreakerPolicy:
         if self.probe_interval is not None:
             _positive(o, "probe_interval", self.probe_interval)
         _positive(o, "probe_timeout", self.probe_timeout)
+        _positive(o, "evidence_floor", self.evidence_floor)
 
 
 def validate_deadline(owner: str, value: float | None) -> float | None:

@@ -142,12 +142,15 @@ class AsyncHandle(HandleBase, redis.asyncio.Redis):  # type: ignore[misc]  # red
         base = self._orr_client_cls.execute_command  # type: ignore[attr-defined]
         mode = self._orr_mode
         if not mode:
+            if op.block is not None:
+                # A blocking command's block time may be shortened to the deadline: op.args.
+                return await run_async(op, lambda: base(self, *op.args, **options))
             return await run_async(op, base, self, *args, **options)
         core = self._orr_core
         if mode == WRITE_BEHIND:
-            return await self._orr_write_behind(op, name, args, lambda: base(self, *args, **options))
+            return await self._orr_write_behind(op, name, args, lambda: base(self, *op.args, **options))
         try:
-            result = await run_async(op, lambda: base(self, *args, **options))
+            result = await run_async(op, lambda: base(self, *op.args, **options))
         except Exception as exc:
             return recover(mode, core.lkg, core.telemetry, name, args, options, exc, self._orr_scope)
         if mode == STALE:

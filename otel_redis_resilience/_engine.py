@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 from ._backoff import backoff_delay
 from ._breaker import REJECTED, BreakerMachine, BreakerState
 from ._budget import RetryBudget
-from ._classify import ErrorKind, classify
+from ._classify import NOT_EVIDENCE, REFUSED, ErrorKind, classify
 from ._config import BreakerPolicy, RetryPolicy
 from ._errors import RedisUnavailable, UnavailableReason
 from ._events import Endpoint
-from ._safety import block_seconds, is_idempotent
+from ._safety import block_seconds, is_idempotent, with_block
 from ._testing import is_testing
 
 if TYPE_CHECKING:
@@ -157,9 +157,13 @@ class Operation:
         "args",
         "attempt_started",
         "attempts",
+        "attempt_block",
+        "block",
         "core",
         "deadline_at",
+        "given",
         "name",
+        "original_args",
         "permit",
         "pipeline",
         "retryable",
@@ -195,6 +199,15 @@ class Operation:
         self.token: Any = None
         self.started = 0.0
         self.attempt_started = 0.0
+        #: The attempt's time when the caller's deadline cut it below its own
+        #: bound (None: not cut); a timeout then counts only above the floor.
+        self.given: float | None = None
+        #: Seconds a blocking command may wait server-side (0: forever), or None.
+        self.block = (
+            block_seconds(name, args) if pipeline is None and name and name[0] in "BXW" else None
+        )
+        self.original_args = args
+        self.attempt_block: float | None = None
 
     # -- attempts --------------------------------------------------------------
 
@@ -231,20 +244,38 @@ class Operation:
         self.attempts += 1
         self.attempt_started = now
         timeout = core.attempt_timeout
-        if self.pipeline is None and self.name[0] in "BXW":
-            block = block_seconds(self.name, self.args)
-            if block is not None:
-                timeout = None if block == 0 or timeout is None else timeout + block
+        block = self.block
+        if block is not None:
+            if deadline_at is not None:
+                # Block no longer than the deadline allows, so the server answers
+                # its own timeout (nil) before we would have to cut the attempt.
+                # What it leaves for that reply to arrive is what a timeout must
+                # exceed to count as evidence (see _timeout_is_evidence).
+                remaining = deadline_at - now
+                room = remaining - max(core.breaker_policy.evidence_floor, remaining / 10)
+                if block == 0 or block > room:
+                    block = max(room, 0.001)
+                    self.args = with_block(self.name, self.original_args, block)
+            timeout = None if block == 0 or timeout is None else timeout + block
+        self.attempt_block = block
+        self.given = None
         if deadline_at is not None:
             remaining = deadline_at - now
-            timeout = remaining if timeout is None or remaining < timeout else timeout
+            if timeout is None or remaining < timeout:
+                timeout = remaining
+                self.given = remaining
         return timeout
 
     def succeeded(self, now: float) -> None:
         core = self.core
         breaker = core.breaker
+        duration = now - self.attempt_started
+        block = self.attempt_block
+        if block is not None:
+            # A blocking command's wait is what it asked for, not slowness.
+            duration = 0.0 if block == 0 else max(duration - block, 0.0)
         with core.lock:
-            breaker.on_success(self.permit, now, now - self.attempt_started)
+            breaker.on_success(self.permit, now, duration)
             moved = core._drain_locked() if breaker.transitions else None
         if moved is not None:
             core.after_transitions(moved)
@@ -263,14 +294,24 @@ class Operation:
             core.telemetry.finish(self, "error" if kind is ErrorKind.CALLER else "cancelled", exc, now)
             return RERAISE
         with core.lock:
-            if kind is ErrorKind.POOL_EXHAUSTED:
+            if kind in NOT_EVIDENCE or (kind is ErrorKind.TIMEOUT and not self._timeout_is_evidence(now)):
                 core.breaker.on_release(self.permit)
             else:
                 core.breaker.on_failure(self.permit, now)
             moved = core._drain_locked()
         core.after_transitions(moved)
         # A refused command did not run; nothing was applied when nothing was sent.
-        maybe_applied = sent and kind is ErrorKind.UNAVAILABLE
+        # A plain pipeline is the exception: its other commands ran around the refused one.
+        maybe_applied = sent and (
+            kind is ErrorKind.TIMEOUT
+            or kind is ErrorKind.CONNECTION
+            or (kind in REFUSED and self.pipeline is not None and not self.transaction)
+        )
+        # The reason names what happened, checked in a fixed order so timing cannot change it.
+        if maybe_applied and not self._idempotent():
+            raise self._give_up("unsafe_to_retry", exc, maybe_applied=True)
+        if kind is ErrorKind.WRITE_REFUSED:
+            raise self._give_up("write_refused", exc, maybe_applied=maybe_applied)
         deadline_at = self.deadline_at
         if deadline_at is not None and deadline_at - now < 2 * _MIN_ATTEMPT:
             raise self._give_up("deadline_exceeded", exc, maybe_applied=maybe_applied)
@@ -279,9 +320,7 @@ class Operation:
         if core.breaker.state is BreakerState.OPEN:
             # This very failure (or a concurrent one) opened the breaker: a retry
             # would only be rejected after its backoff, so give up now.
-            raise self._give_up("breaker_open", exc, maybe_applied=maybe_applied, rejected=True)
-        if maybe_applied and not self._idempotent():
-            raise self._give_up("unsafe_to_retry", exc, maybe_applied=True)
+            raise self._give_up("breaker_opened", exc, maybe_applied=maybe_applied)
         with core.lock:
             allowed = core.budget.try_spend(now)
         if not allowed:
@@ -298,6 +337,18 @@ class Operation:
                 delay = min(delay, (deadline_at - now) / 2)
         core.telemetry.retry(self, delay, exc)
         return delay
+
+    def _timeout_is_evidence(self, now: float) -> bool:
+        """Whether a timed-out attempt says anything against Redis."""
+        block = self.attempt_block
+        if block is None:
+            if self.given is None:
+                return True  # it had its whole attempt_timeout
+            block = 0.0
+        elif block == 0:
+            return False  # blocking forever: waiting is what it was asked to do
+        # The time Redis had to answer beyond what the command asked it to wait.
+        return now - self.attempt_started - block >= self.core.breaker_policy.evidence_floor
 
     def _idempotent(self) -> bool:
         policy = self.core.retry

@@ -9,7 +9,9 @@ treated as unsafe.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 #: Read-only commands (the server's ``readonly`` flag, Redis 7) plus
@@ -138,7 +140,9 @@ READ_COMMANDS: frozenset[str] = frozenset(
     }
 )
 
-#: Writes whose effect and reply are the same when applied twice in a row.
+#: Writes whose *effect* is the same when applied twice in a row (a replayed
+#: journal entry may run twice). Not all of them give the same *reply* twice:
+#: see :data:`REPLY_UNSTABLE_WRITES`.
 IDEMPOTENT_WRITES: frozenset[str] = frozenset(
     [
         "SET",
@@ -174,13 +178,84 @@ IDEMPOTENT_WRITES: frozenset[str] = frozenset(
     ]
 ) | frozenset({"SCRIPT LOAD", "CLIENT SETNAME", "CLIENT SETINFO"})
 
-# Options that make an otherwise idempotent write unsafe: SET ... GET returns the
+#: Idempotent writes whose second run answers differently from the first: a
+#: count of what changed (``DEL`` 1 then 0, ``SADD``, ``HSET``, ``ZADD``...), the
+#: old value (``SETBIT``), or whether anything changed (``PERSIST``, ``PFADD``).
+#: ``EXPIREAT``/``PEXPIREAT`` are here because a time in the past deletes the key
+#: (1, then 0) and only the server's clock knows which times are past. Re-sending
+#: one of these after a lost reply would hand the caller the second run's reply,
+#: so it is not re-sent: the call raises ``RedisUnavailable(outcome_unknown=True)``.
+REPLY_UNSTABLE_WRITES: frozenset[str] = frozenset(
+    [
+        "DEL",
+        "UNLINK",
+        "EXPIREAT",
+        "PEXPIREAT",
+        "PERSIST",
+        "HSET",
+        "HDEL",
+        "SADD",
+        "SREM",
+        "ZADD",
+        "ZREM",
+        "ZREMRANGEBYSCORE",
+        "ZREMRANGEBYLEX",
+        "SETBIT",
+        "PFADD",
+        "GEOADD",
+        "XACK",
+        "XDEL",
+    ]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSafety:
+    """What the table knows of one command: is it a read, and is a second run harmless.
+
+    ``effect_stable``: running it twice leaves the data as running it once.
+    ``reply_stable``: the second run answers what the first would have. Only a
+    command with both may be re-sent after an attempt that may have run.
+    """
+
+    read: bool
+    effect_stable: bool
+    reply_stable: bool
+
+    @property
+    def retry_safe(self) -> bool:
+        return self.effect_stable and self.reply_stable
+
+
+#: Every command the table knows, by upper-case name (multi-word names kept whole).
+COMMAND_TABLE: Mapping[str, CommandSafety] = MappingProxyType(
+    {
+        **{name: CommandSafety(True, True, True) for name in READ_COMMANDS},
+        **{
+            name: CommandSafety(False, True, name not in REPLY_UNSTABLE_WRITES)
+            for name in IDEMPOTENT_WRITES
+        },
+    }
+)
+
+#: Commands that may be re-sent after an attempt that may have run (subject to
+#: the options below).
+RETRY_SAFE: frozenset[str] = frozenset(name for name, info in COMMAND_TABLE.items() if info.retry_safe)
+
+# Options that make an otherwise retry-safe command unsafe: SET ... GET returns the
 # old value (the second run returns the new one); SET NX decides a lock, and the
-# second run would report failure for a lock the first run took; ZADD INCR adds.
+# second run would report failure for a lock the first run took; EXPIRE NX/GT/LT
+# answer 0 the second time; GETEX EXAT/PXAT with a past time deletes the key.
 _UNSAFE_OPTIONS: dict[str, frozenset[bytes]] = {
     "SET": frozenset({b"GET", b"NX"}),
-    "ZADD": frozenset({b"INCR"}),
+    "EXPIRE": frozenset({b"NX", b"GT", b"LT"}),
+    "PEXPIRE": frozenset({b"NX", b"GT", b"LT"}),
+    "GETEX": frozenset({b"EXAT", b"PXAT"}),
 }
+# Where the options start: after the key and value (SET), the key and time (EXPIRE).
+_OPTIONS_FROM = {"SET": 3, "EXPIRE": 3, "PEXPIRE": 3, "GETEX": 2}
+# A relative expiry of 0 or less deletes the key: 1 the first time, 0 the second.
+_POSITIVE_SECOND_ARG = frozenset({"EXPIRE", "PEXPIRE"})
 
 _SCRIPT_COMMANDS = frozenset({"EVAL", "EVALSHA"})
 
@@ -221,15 +296,21 @@ def is_idempotent(
     extra_commands: frozenset[str] = frozenset(),
     extra_scripts: frozenset[str] = frozenset(),
 ) -> bool:
-    """Whether ``args`` (a full command, name first) may safely be sent twice."""
-    if name in READ_COMMANDS or name in extra_commands:
-        return True
-    if name in IDEMPOTENT_WRITES:
+    """Whether ``args`` (a full command, name first) may be re-sent after it may have run.
+
+    True only when a second run has the same effect *and* the same reply as
+    the first: the caller then gets what a single run would have answered.
+    """
+    if name in RETRY_SAFE:
         unsafe = _UNSAFE_OPTIONS.get(name)
         if unsafe is not None:
-            for arg in args[3 if name == "SET" else 2 :]:
+            if name in _POSITIVE_SECOND_ARG and not _positive_number(args, 2):
+                return False
+            for arg in args[_OPTIONS_FROM[name] :]:
                 if isinstance(arg, str | bytes) and _as_bytes(arg).upper() in unsafe:
                     return False
+        return True
+    if name in extra_commands:
         return True
     if name in _SCRIPT_COMMANDS and len(args) > 1 and extra_scripts:
         script = _as_bytes(args[1])
@@ -239,6 +320,13 @@ def is_idempotent(
         # ``CONFIG GET`` style names: the first word alone may be a known read.
         return name.split(" ", 1)[0] in READ_COMMANDS
     return False
+
+
+def _positive_number(args: Sequence[Any], index: int) -> bool:
+    try:
+        return float(args[index]) > 0
+    except (IndexError, TypeError, ValueError):
+        return False
 
 
 def block_seconds(name: str, args: Sequence[Any]) -> float | None:
@@ -261,3 +349,30 @@ def block_seconds(name: str, args: Sequence[Any]) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     return None
+
+
+def with_block(name: str, args: Sequence[Any], seconds: float) -> tuple[Any, ...]:
+    """``args`` with the block time of a blocking command replaced by ``seconds``.
+
+    Used to shorten a block to what the caller's deadline leaves, so the server
+    itself answers its timeout reply (nil) in time: the connection stays in sync
+    and nothing popped is lost to a client-side timeout.
+    """
+    out = list(args)
+    if name in _BLOCK_LAST_SECONDS:
+        out[-1] = _seconds_text(seconds)
+    elif name in _BLOCK_FIRST_SECONDS:
+        out[1] = _seconds_text(seconds)
+    elif name in _BLOCK_LAST_MILLIS:
+        out[-1] = max(1, int(seconds * 1000))
+    elif name in _BLOCK_OPTION_MILLIS:
+        for i in range(1, len(out) - 1):
+            if _as_bytes(out[i]).upper() == b"BLOCK":
+                out[i + 1] = max(1, int(seconds * 1000))
+                break
+    return tuple(out)
+
+
+def _seconds_text(seconds: float) -> str:
+    # Redis takes fractional seconds (6.0+); never 0, which would mean "forever".
+    return f"{max(seconds, 0.001):.3f}"

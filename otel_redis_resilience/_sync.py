@@ -66,12 +66,15 @@ class SyncHandle(HandleBase, redis.Redis):
         base = self._orr_client_cls.execute_command  # type: ignore[attr-defined]
         mode = self._orr_mode
         if not mode:
+            if op.block is not None:
+                # A blocking command's block time may be shortened to the deadline: op.args.
+                return run_sync(op, lambda: base(self, *op.args, **options))
             return run_sync(op, base, self, *args, **options)
         core = self._orr_core
         if mode == WRITE_BEHIND:
-            return self._orr_write_behind(op, name, args, lambda: base(self, *args, **options))
+            return self._orr_write_behind(op, name, args, lambda: base(self, *op.args, **options))
         try:
-            result = run_sync(op, lambda: base(self, *args, **options))
+            result = run_sync(op, lambda: base(self, *op.args, **options))
         except Exception as exc:
             return recover(mode, core.lkg, core.telemetry, name, args, options, exc, self._orr_scope)
         if mode == STALE:

@@ -93,11 +93,24 @@ def test_wrapped_client_retries_are_switched_off(clean_redis: RedisServer) -> No
         (("SET", "k", "GET", "XX"), True),  # "GET" here is the value, XX an option
         (("SET", "k", "v", "GET"), False),
         (("SET", "k", "v", "NX"), False),
-        (("DEL", "k"), True),
-        (("HSET", "h", "f", "v"), True),
+        # Same effect twice, but not the same reply: 1 then 0 (a count, a flag, the old bit).
+        (("DEL", "k"), False),
+        (("HSET", "h", "f", "v"), False),
+        (("SADD", "s", "m"), False),
+        (("ZADD", "z", 1, "m"), False),
+        (("PERSIST", "k"), False),
+        (("SETBIT", "b", 7, 1), False),
+        (("EXPIREAT", "k", 1), False),  # a time in the past deletes: 1, then 0
         (("EXPIRE", "k", 10), True),
-        (("SADD", "s", "m"), True),
-        (("ZADD", "z", 1, "m"), True),
+        (("EXPIRE", "k", 0), False),  # deletes the key
+        (("EXPIRE", "k", 10, "NX"), False),
+        (("EXPIRE", "k", 10, "GT"), False),
+        (("PEXPIRE", "k", 100, "LT"), False),
+        (("GETEX", "k", "EX", 10), True),
+        (("GETEX", "k", "PXAT", 1), False),
+        (("HMSET", "h", "f", "v"), True),
+        (("SETRANGE", "k", 0, "v"), True),
+        (("LSET", "l", 0, "v"), True),
         (("ZADD", "z", "INCR", 1, "m"), False),
         (("INCR", "k"), False),
         (("INCRBY", "k", 5), False),

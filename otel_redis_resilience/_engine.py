@@ -155,9 +155,9 @@ class Operation:
 
     __slots__ = (
         "args",
+        "attempt_block",
         "attempt_started",
         "attempts",
-        "attempt_block",
         "block",
         "core",
         "deadline_at",
@@ -203,9 +203,7 @@ class Operation:
         #: bound (None: not cut); a timeout then counts only above the floor.
         self.given: float | None = None
         #: Seconds a blocking command may wait server-side (0: forever), or None.
-        self.block = (
-            block_seconds(name, args) if pipeline is None and name and name[0] in "BXW" else None
-        )
+        self.block = block_seconds(name, args) if pipeline is None and name and name[0] in "BXW" else None
         self.original_args = args
         self.attempt_block: float | None = None
 

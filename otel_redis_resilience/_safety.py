@@ -231,10 +231,7 @@ class CommandSafety:
 COMMAND_TABLE: Mapping[str, CommandSafety] = MappingProxyType(
     {
         **{name: CommandSafety(True, True, True) for name in READ_COMMANDS},
-        **{
-            name: CommandSafety(False, True, name not in REPLY_UNSTABLE_WRITES)
-            for name in IDEMPOTENT_WRITES
-        },
+        **{name: CommandSafety(False, True, name not in REPLY_UNSTABLE_WRITES) for name in IDEMPOTENT_WRITES},
     }
 )
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ._backoff import backoff_delay
 from ._breaker import REJECTED, BreakerMachine, BreakerState
 from ._budget import RetryBudget
-from ._classify import NOT_EVIDENCE, REFUSED, ErrorKind, classify
+from ._classify import NOT_EVIDENCE, REFUSED, ErrorKind, classify, error_code
 from ._config import BreakerPolicy, RetryPolicy
 from ._errors import RedisUnavailable, UnavailableReason
 from ._events import Endpoint
@@ -368,12 +368,14 @@ class Operation:
         maybe_applied: bool = False,
         rejected: bool = False,
     ) -> RedisUnavailable:
+        code = error_code(cause) if cause is not None else None
         err = RedisUnavailable(
             reason,
             operation=self.name,
             attempts=self.attempts,
             outcome_unknown=maybe_applied,
-            detail=type(cause).__name__ if cause is not None else "",
+            detail=code or (type(cause).__name__ if cause is not None else ""),
+            error_code=code,
         )
         err.__cause__ = cause
         telemetry = self.core.telemetry

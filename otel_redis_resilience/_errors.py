@@ -26,22 +26,37 @@ class RedisUnavailable(redis.exceptions.ConnectionError):
     ConnectionError`` clauses written for plain redis-py keep working.
 
     Attributes:
-        reason: Why the call was given up:
+        reason: Why no (further) attempt was made. When several hold, the first
+            in this list is given, so timing never changes the reason:
 
-            - ``"breaker_open"``: the circuit breaker rejected the call without
-              touching the network.
+            - ``"unsafe_to_retry"``: the command may already have run on the
+              server (it was sent and no reply came back), and a second run
+              would not answer what the first did (``INCR``, ``DEL``,
+              ``SADD``...), so it was not sent again. ``outcome_unknown`` is true.
+            - ``"write_refused"``: the server refused the write without running
+              it and still serves reads (``READONLY``, ``OOM``, ``MISCONF``,
+              ``NOREPLICAS``; see ``error_code``). Not retried.
+            - ``"deadline_exceeded"``: the request scope's deadline ran out.
             - ``"retries_exhausted"``: every one of ``RetryPolicy.max_attempts``
               attempts failed.
+            - ``"breaker_opened"``: an attempt failed and that failure (or a
+              concurrent one) opened the breaker, so no retry was made.
             - ``"budget_exhausted"``: a retry was due but the process-wide retry
               budget was spent.
-            - ``"deadline_exceeded"``: the request scope's deadline ran out.
-            - ``"unsafe_to_retry"``: a command that is not idempotent may
-              already have run on the server (it was sent and no reply came
-              back), so it was not sent again. ``outcome_unknown`` is true.
+            - ``"breaker_open"``: the circuit breaker rejected the call (or its
+              retry) without touching the network.
+            - ``"journal_failed"``: a ``write_behind()`` write could neither be
+              applied nor journaled (the journal's disk is full or failing).
+              Nothing was kept; the journal error is the ``__cause__``.
         operation: The Redis operation name (``"GET"``, ``"PIPELINE"``...).
         attempts: How many attempts were made (0 when rejected up front).
         outcome_unknown: True when the command may have been applied by the
-            server although no reply arrived.
+            server although no reply arrived: it was sent, and the connection
+            failed or timed out before the reply. False means it was certainly
+            not applied by any attempt that failed (it was never sent, or the
+            server refused it without running it).
+        error_code: The Redis error code of the last error reply
+            (``"READONLY"``, ``"LOADING"``...), or None.
 
     The last underlying error, if any, is chained as ``__cause__``.
     """
@@ -54,11 +69,13 @@ class RedisUnavailable(redis.exceptions.ConnectionError):
         attempts: int = 0,
         outcome_unknown: bool = False,
         detail: str = "",
+        error_code: str | None = None,
     ) -> None:
         self.reason: UnavailableReason = reason
         self.operation = operation
         self.attempts = attempts
         self.outcome_unknown = outcome_unknown
+        self.error_code = error_code
         msg = f"Redis unavailable ({reason})"
         if operation:
             msg += f" for {operation} after {attempts} attempt{'s' if attempts != 1 else ''}"
@@ -70,17 +87,29 @@ class RedisUnavailable(redis.exceptions.ConnectionError):
         # Keyword-only arguments need help to survive pickling (multiprocessing, Celery).
         return (
             _rebuild,
-            (self.reason, self.operation, self.attempts, self.outcome_unknown, str(self)),
+            (self.reason, self.operation, self.attempts, self.outcome_unknown, str(self), self.error_code),
         )
 
 
 def _rebuild(
-    reason: UnavailableReason, operation: str, attempts: int, outcome_unknown: bool, message: str
+    reason: UnavailableReason,
+    operation: str,
+    attempts: int,
+    outcome_unknown: bool,
+    message: str,
+    error_code: str | None = None,
 ) -> RedisUnavailable:
-    exc = RedisUnavailable(reason, operation=operation, attempts=attempts, outcome_unknown=outcome_unknown)
+    exc = RedisUnavailable(
+        reason, operation=operation, attempts=attempts, outcome_unknown=outcome_unknown, error_code=error_code
+    )
     exc.args = (message,)
     return exc
 
 
 class ConfigurationError(ValueError):
     """A configuration value is invalid. Raised at construction, naming the field."""
+
+
+# Printed and pickled under the public name, not the private module's.
+RedisUnavailable.__module__ = "otel_redis_resilience"
+ConfigurationError.__module__ = "otel_redis_resilience"

@@ -137,8 +137,11 @@ _ZERO = frozenset(
 )
 
 
-def miss_reply(name: str, args: Sequence[Any]) -> Any:
-    """The reply of ``args`` as if every key it reads were missing."""
+def miss_reply(name: str, args: Sequence[Any], *, decode: bool = False) -> Any:
+    """The reply of ``args`` as if every key it reads were missing.
+
+    ``decode``: the client has ``decode_responses=True``, so strings are ``str``.
+    """
     if name == "MGET":
         return [None] * (len(args) - 1)
     if name in ("HMGET", "SMISMEMBER", "ZMSCORE"):
@@ -154,7 +157,7 @@ def miss_reply(name: str, args: Sequence[Any]) -> Any:
     if name in ("TTL", "PTTL"):
         return -2
     if name == "TYPE":
-        return b"none"
+        return "none" if decode else b"none"
     return None
 
 
@@ -260,6 +263,8 @@ def recover(
     options: dict[str, Any],
     exc: Exception,
     scope: Any,
+    *,
+    decode: bool = False,
 ) -> Any:
     """The fallback reply of a read in a degraded mode, or re-raise ``exc``."""
     reason = unavailability_reason(exc)
@@ -272,7 +277,7 @@ def recover(
             telemetry.fallback(name, "last_known_good", reason, scope, stale=True)
             return found
     telemetry.fallback(name, "miss", reason, scope)
-    return miss_reply(name, args)
+    return miss_reply(name, args, decode=decode)
 
 
 def remember(

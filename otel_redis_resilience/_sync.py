@@ -15,7 +15,7 @@ from ._errors import RedisUnavailable
 from ._fallback import STALE, WRITE_BEHIND, recover, remember
 from ._handle import HandleBase, make_class, pipeline_operation
 from ._safety import _NAMES, command_name
-from ._scope import RequestScope
+from ._scope import RequestScope, scope_closed_error
 from ._writebehind import may_journal_after, write_key
 
 T = TypeVar("T")
@@ -62,6 +62,8 @@ class SyncHandle(HandleBase, redis.Redis):
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
         name = _NAMES.get(args[0]) or command_name(args)
+        if self._orr_scope is not None and self._orr_scope.ended:
+            raise scope_closed_error(name)
         op = Operation(self._orr_core, self._orr_scope, name, args)
         base = self._orr_client_cls.execute_command  # type: ignore[attr-defined]
         mode = self._orr_mode
@@ -76,7 +78,17 @@ class SyncHandle(HandleBase, redis.Redis):
         try:
             result = run_sync(op, lambda: base(self, *op.args, **options))
         except Exception as exc:
-            return recover(mode, core.lkg, core.telemetry, name, args, options, exc, self._orr_scope)
+            return recover(
+                mode,
+                core.lkg,
+                core.telemetry,
+                name,
+                args,
+                options,
+                exc,
+                self._orr_scope,
+                decode=self.get_encoder().decode_responses,
+            )
         if mode == STALE:
             remember(core.lkg, name, args, options, result)
         return result
@@ -136,6 +148,8 @@ class SyncPipelineHooks:
         return run_sync(op, call)
 
     def immediate_execute_command(self, *args: Any, **options: Any) -> Any:
+        if self._orr_scope is not None and self._orr_scope.ended:
+            raise scope_closed_error(command_name(args))
         base = super().immediate_execute_command  # type: ignore[misc]
         op = Operation(self._orr_core, self._orr_scope, command_name(args), args, retryable=False)
         return run_sync(op, lambda: base(*args, **options))

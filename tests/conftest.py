@@ -17,6 +17,8 @@ import redis
 
 from tests.infra import FaultProxy, RedisServer, RedisServerError, redis_server_binary
 
+pytest_plugins = ["tests.canary"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # Fail fast, once, with the install hint, instead of erroring in every test that

@@ -21,7 +21,7 @@ from ._classify import NOT_EVIDENCE, REFUSED, ErrorKind, classify, error_code
 from ._config import BreakerPolicy, RetryPolicy
 from ._errors import RedisUnavailable, UnavailableReason
 from ._events import Endpoint
-from ._safety import block_seconds, is_idempotent, with_block
+from ._safety import COMMAND_TABLE, block_seconds, is_idempotent, with_block
 from ._testing import is_testing
 
 if TYPE_CHECKING:
@@ -305,6 +305,8 @@ class Operation:
             or kind is ErrorKind.CONNECTION
             or (kind in REFUSED and self.pipeline is not None and not self.transaction)
         )
+        if maybe_applied and self._read_only():
+            maybe_applied = False  # a read that may have run changed nothing
         # The reason names what happened, checked in a fixed order so timing cannot change it.
         if maybe_applied and not self._idempotent():
             raise self._give_up("unsafe_to_retry", exc, maybe_applied=True)
@@ -347,6 +349,11 @@ class Operation:
             return False  # blocking forever: waiting is what it was asked to do
         # The time Redis had to answer beyond what the command asked it to wait.
         return now - self.attempt_started - block >= self.core.breaker_policy.evidence_floor
+
+    def _read_only(self) -> bool:
+        if self.pipeline is not None:
+            return all(_is_read(_name(cmd)) for cmd, _ in self.pipeline)
+        return _is_read(self.name)
 
     def _idempotent(self) -> bool:
         policy = self.core.retry
@@ -391,6 +398,11 @@ class Operation:
             outcome = "failed"
         telemetry.finish(self, outcome, err, time.monotonic())
         return err
+
+
+def _is_read(name: str) -> bool:
+    info = COMMAND_TABLE.get(name)
+    return info is not None and info.read
 
 
 def _name(args: Sequence[Any]) -> str:

@@ -17,7 +17,7 @@ from ._fallback import LastKnownGoodPolicy
 from ._journal import JournalCorruptError, JournalError, JournalFullError
 from ._resilience import RequestContext, Resilience
 from ._safety import IDEMPOTENT_WRITES, READ_COMMANDS
-from ._scope import NoActiveRequest, RequestScope, current_redis, current_scope
+from ._scope import NoActiveRequest, RequestScope, ScopeClosedError, current_redis, current_scope
 from ._testing import is_testing, set_testing
 from ._writebehind import WRITE_BEHIND_COMMANDS, Journaled, WriteBehindConfig, WriteBehindError
 
@@ -28,6 +28,7 @@ for _obj in (
     RedisUnavailable,
     ConfigurationError,
     NoActiveRequest,
+    ScopeClosedError,
     BreakerState,
     Journaled,
     JournalFullError,
@@ -61,6 +62,7 @@ __all__ = [
     "Resilience",
     "RetryPolicy",
     "RetryScheduled",
+    "ScopeClosedError",
     "Transition",
     "WriteBehindConfig",
     "WriteBehindError",

@@ -8,7 +8,7 @@ from typing import Any
 from ._engine import Core, Operation
 from ._errors import ConfigurationError
 from ._fallback import MISS, NORMAL, STALE, WRITE_BEHIND
-from ._scope import RequestScope
+from ._scope import RequestScope, scope_closed_error
 
 
 class HandleBase:
@@ -68,6 +68,15 @@ class HandleBase:
 
     def _orr_adopt(self, pipe: Any, pipeline_class: type) -> Any:
         """Turn a redis-py pipeline made by the client into one that runs as a single operation."""
+        if self._orr_mode == WRITE_BEHIND:
+            # Journaling is per single-key write; a pipeline sent as one operation
+            # would silently bypass it.
+            raise ConfigurationError(
+                "write_behind() views have no pipeline() or transaction(): write-behind journals "
+                "single-key writes one by one, and a pipeline would bypass it. Call the writes "
+                "on the view one at a time (h.write_behind().set(...)), or use h.pipeline() on "
+                "the plain handle when the writes need not survive an outage"
+            )
         pipe.__class__ = pipeline_class
         pipe._orr_core = self._orr_core
         pipe._orr_scope = self._orr_scope
@@ -80,14 +89,21 @@ class HandleBase:
 def pipeline_operation(
     pipe: Any, transaction: bool
 ) -> tuple[Operation, list[tuple[Sequence[Any], Any]]] | None:
-    """The operation for a pipeline's ``execute()``, and a snapshot of its commands (None: nothing to do)."""
+    """The operation for a pipeline's ``execute()``, and a snapshot of its commands (None: nothing to do).
+
+    Raises:
+        ScopeClosedError: the pipeline's request scope has ended.
+    """
+    scope = pipe._orr_scope
+    if scope is not None and scope.ended:
+        raise scope_closed_error("MULTI/EXEC" if transaction else "pipeline execute()")
     stack = pipe.command_stack
     if not stack and not pipe.watching:
         return None
     snapshot = list(stack)
     op = Operation(
         pipe._orr_core,
-        pipe._orr_scope,
+        scope,
         "MULTI" if transaction else "PIPELINE",
         (),
         pipeline=snapshot,

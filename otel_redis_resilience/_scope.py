@@ -16,10 +16,12 @@ class RequestScope:
 
     __slots__ = (
         "deadline_at",
+        "ended",
         "failures",
         "fallbacks",
         "handle",
         "operations",
+        "parent",
         "rejections",
         "summary_span",
         "token",
@@ -36,11 +38,15 @@ class RequestScope:
         self.fallbacks = 0
         self.handle: Any = None
         self.token: Token[Any] | None = None
+        #: The scope that was current when this one opened (nested scopes).
+        self.parent: RequestScope | None = None
+        #: Set once when the scope ends; the handles check it before every command.
+        self.ended = False
 
     @property
     def closed(self) -> bool:
         """Whether the scope has ended (its ``with`` block exited)."""
-        return self.token is None and self.handle is not None
+        return self.ended
 
     @property
     def degraded(self) -> bool:
@@ -70,9 +76,36 @@ class NoActiveRequest(LookupError):
     """:func:`current_redis` was called outside a request scope."""
 
 
+class ScopeClosedError(RuntimeError):
+    """A handle was used after its request scope ended.
+
+    A programming error (a handle kept past its ``with res.request():`` block, in a
+    background task, a closure or a generator), never an outage: it is not a
+    :class:`RedisUnavailable`, so fallbacks do not swallow it, and nothing is sent
+    or recorded (no span, metric, log or hook event).
+    """
+
+
+def scope_closed_error(what: str) -> ScopeClosedError:
+    """The error for a handle's ``what`` (a command name, ``pipeline``) after its scope ended."""
+    return ScopeClosedError(
+        f"{what} on a handle whose request scope has ended: a handle works only inside its "
+        "`with res.request():` block (or the request that opened it); keep none past it, and "
+        "open a new scope, or use res.handle() for work outside any request"
+    )
+
+
+def _open_from(scope: RequestScope | None) -> RequestScope | None:
+    """``scope`` if still open, else the nearest enclosing scope that is (None: none is)."""
+    while scope is not None and scope.ended:
+        scope = scope.parent
+    return scope
+
+
 def current_scope() -> RequestScope | None:
     """The innermost open request scope, or None."""
-    return _CURRENT.get()
+    scope = _CURRENT.get()
+    return scope if scope is None or not scope.ended else _open_from(scope)
 
 
 def current_redis() -> Any:
@@ -83,9 +116,17 @@ def current_redis() -> Any:
     request, and ``with res.request():`` opens one by hand.
 
     Raises:
-        NoActiveRequest: outside a request scope.
+        NoActiveRequest: outside a request scope, or once the scope ended (in a
+            thread or task that outlived the request).
     """
     scope = _CURRENT.get()
+    if scope is not None and scope.ended:
+        scope = _open_from(scope)
+        if scope is None:
+            raise NoActiveRequest(
+                "the Redis request scope this code ran in has ended: a thread or task that "
+                "outlives its request must open its own `with res.request():` or use res.handle()"
+            )
     if scope is None:
         raise NoActiveRequest(
             "no Redis request scope is active: call this from code running inside a request "
@@ -95,14 +136,30 @@ def current_redis() -> Any:
 
 
 def enter(scope: RequestScope) -> None:
+    scope.parent = _open_from(_CURRENT.get())
     scope.token = _CURRENT.set(scope)
 
 
 def leave(scope: RequestScope) -> None:
-    if scope.token is not None:
+    """End ``scope``; the current scope becomes the nearest one still open.
+
+    Scopes may close out of order (an outer one first, or one from another
+    context): an ended scope is never left current, and a scope that is still
+    open (an inner one, or another context's) is never replaced.
+    """
+    if scope.ended:
+        return
+    scope.ended = True
+    token, scope.token = scope.token, None
+    if _CURRENT.get() is not scope:
+        # Not current here: an inner scope is still open (it stays current, and finds
+        # its nearest open parent when it closes), or it is closed from another context.
+        return
+    restore = _open_from(scope.parent)
+    if token is not None and token.old_value is restore:
         try:
-            _CURRENT.reset(scope.token)
-        except ValueError:
-            # Closed from another context (e.g. a generator finalised elsewhere): just clear it.
-            _CURRENT.set(None)
-        scope.token = None
+            _CURRENT.reset(token)
+            return
+        except ValueError:  # the token belongs to another context
+            pass
+    _CURRENT.set(restore)

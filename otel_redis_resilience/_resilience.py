@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -122,9 +123,27 @@ class Resilience:
         if not isinstance(breaker, BreakerPolicy):
             raise ConfigurationError(f"Resilience(breaker=...) must be a BreakerPolicy, got {breaker!r}")
         self._deadline = validate_deadline("Resilience", deadline)
+        if callable(hooks) or isinstance(hooks, str | bytes) or not isinstance(hooks, Iterable):
+            raise ConfigurationError(
+                f"Resilience(hooks=...) must be a sequence of callables, got {hooks!r}"
+                + (" (wrap a single hook in a list: hooks=[hook])" if callable(hooks) else "")
+            )
+        hooks = tuple(hooks)  # once: an iterator would be used up by this check
         for hook in hooks:
             if not callable(hook):
                 raise ConfigurationError(f"Resilience(hooks=...) entries must be callable, got {hook!r}")
+        if not isinstance(capture_statement, bool):
+            raise ConfigurationError(
+                f"Resilience(capture_statement=...) must be True or False, got {capture_statement!r}"
+            )
+        if tracer_provider is not None and not callable(getattr(tracer_provider, "get_tracer", None)):
+            raise ConfigurationError(
+                f"Resilience(tracer_provider=...) must be a TracerProvider, got {tracer_provider!r}"
+            )
+        if meter_provider is not None and not callable(getattr(meter_provider, "get_meter", None)):
+            raise ConfigurationError(
+                f"Resilience(meter_provider=...) must be a MeterProvider, got {meter_provider!r}"
+            )
         self.client = client
         self.retry_policy = retry
         self.breaker_policy = breaker
@@ -156,6 +175,11 @@ class Resilience:
         self._probe_task: asyncio.Task[None] | None = None
         self._probe_thread: threading.Thread | None = None
         self._closed = False
+        #: Bumped by close(): a probe loop started before it stops, and leaves the
+        #: probe claim to close() (which already released it).
+        self._generation = 0
+        #: Guards _closed and _generation only; never held across I/O.
+        self._life_lock = threading.Lock()
         self._install()
         if self._core.write_behind is not None and not self._is_async:
             # After _install: the replayer's first run must use hooked, non-retrying connections.
@@ -234,6 +258,8 @@ class Resilience:
 
     def handle(self, scope: RequestScope | None = None) -> Any:
         """A resilient handle outside any request scope (no deadline), e.g. for background jobs."""
+        if self._closed:
+            self._reopen()
         h: Any = object.__new__(self._handle_cls)
         h.__dict__.update(self.client.__dict__)
         h._orr_core = self._core
@@ -253,13 +279,48 @@ class Resilience:
         return make_fallback_decorator(self._telemetry, value=value, func=func)
 
     def close(self) -> None:
-        """Stop the background probe. Does not close the client (you own it)."""
-        self._closed = True
+        """Stop background work and release what it holds; the Resilience stays usable.
+
+        Stops the background probe and the write-behind replayer and closes the
+        write-behind journal. Does not close the client (you own it). Idempotent.
+        Call it when no request is using this Resilience (at shutdown).
+
+        The next request scope (or :meth:`handle`) re-opens what ``close()``
+        released: the journal is opened (and checked) again, entries still pending
+        are replayed, and the probe may run again. So a lifespan shutdown followed
+        by a new startup (two ``with TestClient(app):`` sessions in a row) works.
+        """
+        with self._life_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._generation += 1
         if self._core.write_behind is not None:
             self._core.write_behind.close()
-        task = self._probe_task
+        task, self._probe_task = self._probe_task, None
+        self._probe_thread = None
         if task is not None and not task.done():
-            task.get_loop().call_soon_threadsafe(task.cancel)
+            with contextlib.suppress(RuntimeError):  # its event loop is already closed
+                task.get_loop().call_soon_threadsafe(task.cancel)
+        # A probe cut off with its event loop never runs its own clean-up: release its
+        # claim here, or no probe could start again after the next use re-opens.
+        self._core.probe_finished()
+
+    def _reopen(self) -> None:
+        """Undo :meth:`close` at the next use: a fresh journal and replayer, probes allowed."""
+        old = self._core.write_behind
+        # Opened outside the lock (file I/O); a concurrent re-opener's extra one is closed.
+        fresh = None
+        if old is not None:
+            fresh = WriteBehind(old.journal.config, self._core, self.client, is_async=self._is_async)
+        with self._life_lock:
+            won = self._closed
+            if won:
+                if fresh is not None:
+                    self._core.write_behind = fresh
+                self._closed = False
+        if not won and fresh is not None:
+            fresh.close()
 
     # -- background probe ---------------------------------------------------------
 
@@ -267,6 +328,7 @@ class Resilience:
         if self._closed:
             self._core.probe_finished()
             return
+        generation = self._generation
         if self._is_async:
             try:
                 loop = asyncio.get_running_loop()
@@ -275,26 +337,32 @@ class Resilience:
                 return
             # A fresh context, like the sync probe's thread: no request's trace, scope or attempt.
             self._probe_task = loop.create_task(
-                self._probe_loop_async(), name="otel-redis-resilience-probe", context=contextvars.Context()
+                self._probe_loop_async(generation),
+                name="otel-redis-resilience-probe",
+                context=contextvars.Context(),
             )
         else:
             thread = threading.Thread(
-                target=self._probe_loop_sync, name=f"otel-redis-resilience-probe-{self.endpoint}", daemon=True
+                target=self._probe_loop_sync,
+                args=(generation,),
+                name=f"otel-redis-resilience-probe-{self.endpoint}",
+                daemon=True,
             )
             self._probe_thread = thread
             thread.start()
 
-    def _probe_loop_sync(self) -> None:
+    def _probe_loop_sync(self, generation: int) -> None:
         core = self._core
         policy = self.breaker_policy
         interval = policy.probe_interval or 0.0
+        timeout = policy.probe_timeout or interval
         client: Any = self.client
         try:
-            while not self._closed and core.probe_wanted():
+            while generation == self._generation and core.probe_wanted():
                 time.sleep(interval)
-                if not core.probe_wanted():
+                if generation != self._generation or not core.probe_wanted():
                     break
-                token = CURRENT_ATTEMPT.set(Attempt(time.monotonic() + policy.probe_timeout))
+                token = CURRENT_ATTEMPT.set(Attempt(time.monotonic() + timeout))
                 try:
                     client.execute_command("PING")
                 except Exception:
@@ -304,27 +372,30 @@ class Resilience:
                 core.probe_succeeded()
                 break
         finally:
-            core.probe_finished()
+            if generation == self._generation:  # else close() released the claim
+                core.probe_finished()
 
-    async def _probe_loop_async(self) -> None:
+    async def _probe_loop_async(self, generation: int) -> None:
         core = self._core
         policy = self.breaker_policy
         interval = policy.probe_interval or 0.0
+        timeout = policy.probe_timeout or interval
         client: Any = self.client
         try:
-            while not self._closed and core.probe_wanted():
+            while generation == self._generation and core.probe_wanted():
                 await asyncio.sleep(interval)
-                if not core.probe_wanted():
+                if generation != self._generation or not core.probe_wanted():
                     break
                 try:
-                    async with asyncio.timeout(policy.probe_timeout):
+                    async with asyncio.timeout(timeout):
                         await client.execute_command("PING")
                 except Exception:
                     continue
                 core.probe_succeeded()
                 break
         finally:
-            core.probe_finished()
+            if generation == self._generation:
+                core.probe_finished()
 
     def __repr__(self) -> str:
         return f"<Resilience {self.endpoint} breaker={self.breaker_state.value}>"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -25,14 +26,19 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
 from otel_redis_resilience import (
+    BreakerPolicy,
+    BreakerState,
     ConfigurationError,
+    Journaled,
     NoActiveRequest,
     RedisUnavailable,
     RequestScope,
     Resilience,
+    WriteBehindConfig,
     current_redis,
     current_scope,
 )
@@ -397,3 +403,79 @@ async def test_composes_with_opentelemetry_middleware(clean_redis: RedisServer, 
     assert degraded["redis.resilience.degraded"] is True
     assert recovered["redis.resilience.operations"] == 1
     assert recovered["redis.resilience.degraded"] is False
+
+
+def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def write_app(framework: str, res: Resilience) -> Any:
+    """An app whose POST /w?v=... writes behind, as Starlette or as FastAPI."""
+
+    async def write(request: Request) -> JSONResponse:
+        out = await request.state.redis.write_behind().set("k", request.query_params["v"])
+        return JSONResponse({"journaled": isinstance(out, Journaled)})
+
+    async def read(request: Request) -> JSONResponse:
+        try:
+            value = await request.state.redis.get("k")
+        except RedisUnavailable as e:
+            return JSONResponse({"unavailable": e.reason})
+        return JSONResponse({"value": None if value is None else value.decode()})
+
+    if framework == "starlette":
+        return Starlette(
+            routes=[Route("/w", write, methods=["POST"]), Route("/r", read)],
+            middleware=[Middleware(ResilienceMiddleware, resilience=res)],
+        )
+    app = FastAPI()
+    app.add_middleware(ResilienceMiddleware, resilience=res)
+    app.add_api_route("/w", write, methods=["POST"])
+    app.add_api_route("/r", read)
+    return app
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+def test_two_testclient_sessions_in_a_row_with_write_behind_and_an_outage(
+    clean_redis: RedisServer, framework: str
+) -> None:
+    """Every pytest suite does this: the lifespan shutdown of one session must not break the next."""
+    client = redis.asyncio.Redis(host=clean_redis.host, port=clean_redis.port, socket_timeout=5.0)
+    with tempfile.TemporaryDirectory() as d:
+        res = Resilience(client, write_behind=WriteBehindConfig(d, fsync="off"))
+        app = write_app(framework, res)
+        for session in range(3):
+            with TestClient(app, raise_server_exceptions=False) as c:
+                resp = c.post("/w", params={"v": f"direct-{session}"})
+                assert (resp.status_code, resp.json()) == (200, {"journaled": False}), session
+                res.force_open()
+                resp = c.post("/w", params={"v": f"behind-{session}"})
+                assert (resp.status_code, resp.json()) == (200, {"journaled": True}), session
+                res.reset()
+                assert c.get("/r").json() in ({"value": f"behind-{session}"}, {"value": f"direct-{session}"})
+                wait_for(lambda: res.write_behind_journal.pending_count() == 0)
+                assert c.get("/r").json() == {"value": f"behind-{session}"}
+        res.close()
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+def test_probe_runs_again_in_the_next_lifespan(redis_server: RedisServer, framework: str) -> None:
+    client = redis.asyncio.Redis(host=redis_server.host, port=redis_server.port, socket_timeout=1.0)
+    res = Resilience(
+        client, breaker=BreakerPolicy(failure_threshold=1, reset_timeout=60, probe_interval=0.05)
+    )
+    app = write_app(framework, res)
+    with TestClient(app) as c:
+        assert c.get("/r").json() == {"value": None}
+        redis_server.kill()
+        assert "unavailable" in c.get("/r").json()
+        assert res.breaker_state is BreakerState.OPEN  # a probe task runs on this session's loop
+    redis_server.restart()
+    with TestClient(app) as c:
+        assert c.get("/r").json() == {"unavailable": "breaker_open"}  # this starts a probe again
+        wait_for(lambda: res.breaker_state is not BreakerState.OPEN)
+        assert c.get("/r").json() == {"value": None}
+    res.close()

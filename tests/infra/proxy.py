@@ -39,7 +39,7 @@ _MODE_PARAMS: dict[str, frozenset[str]] = {
     "blackhole": frozenset(),
     "reset": frozenset(),
     "refuse": frozenset(),
-    "drop_replies": frozenset({"count"}),
+    "drop_replies": frozenset({"count", "sever"}),
 }
 
 _RECV_SIZE = 65536
@@ -81,6 +81,7 @@ class _ModeState:
     latency: float = 0.0
     jitter: float = 0.0
     count: int | None = None
+    sever: bool = False
 
 
 @dataclass
@@ -116,6 +117,9 @@ class _Conn:
     up: _Pipe = field(default_factory=_Pipe)  # client -> server
     down: _Pipe = field(default_factory=_Pipe)  # server -> client
     closed: bool = False
+    # Set when "drop_replies" with sever=True dropped a chunk of this connection: nothing
+    # from the server reaches this client again (a link that died mid-reply).
+    severed: bool = False
     # Events each socket is currently registered for (0 = not registered).
     client_events: int = 0
     upstream_events: int = 0
@@ -148,11 +152,15 @@ class FaultProxy:
     ``"refuse"``
         The listening socket is closed, so connects fail with ECONNREFUSED; existing
         connections are reset.  Any other mode re-opens the listener on the same port.
-    ``"drop_replies"`` (``count: int | None = None``)
+    ``"drop_replies"`` (``count: int | None = None``, ``sever: bool = False``)
         Client-to-server bytes are forwarded (commands run on the server) but
         server-to-client chunks (``recv()`` results) are dropped: the next ``count``
         ones, after which traffic flows normally again, or all of them when ``count`` is
-        None.  A chunk may hold several pipelined replies or part of a big one.
+        None.  A chunk may hold several pipelined replies or part of a big one.  With
+        ``sever=True`` a connection that lost a chunk never passes anything from the
+        server to the client again (the rest of a big reply included), so the client
+        sees the silence of a dead link instead of a reply cut in the middle; other and
+        new connections flow normally once ``count`` chunks were dropped.
 
     While forwarding, if the server closes or resets a connection, the proxy does the
     same to the client.  If the upstream cannot be reached when a client connects
@@ -308,7 +316,10 @@ class FaultProxy:
             count = params.get("count")
             if count is not None and (not isinstance(count, int) or count < 0):
                 raise ValueError("count must be a non-negative int or None")
-            return _ModeState(mode, count=count)
+            sever = params.get("sever", False)
+            if not isinstance(sever, bool):
+                raise ValueError("sever must be a bool")
+            return _ModeState(mode, count=count, sever=sever)
         return _ModeState(mode)
 
     def _wait_applied(self, gen: int) -> None:
@@ -518,12 +529,13 @@ class FaultProxy:
         if not data:
             conn.down.eof = True
             return
-        if conn.blackholed:
+        if conn.blackholed or conn.severed:
             return
         if self._state.mode == "drop_replies" and (self._drop_remaining is None or self._drop_remaining > 0):
             self._dropped += 1
             if self._drop_remaining is not None:
                 self._drop_remaining -= 1
+            conn.severed = self._state.sever
             return
         conn.down.push(time.monotonic() + self._delay(), data)
 

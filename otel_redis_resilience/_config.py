@@ -9,15 +9,38 @@ from dataclasses import dataclass, field
 
 from ._errors import ConfigurationError
 
+#: The smallest duration, in seconds, accepted for anything that bounds or judges one
+#: round trip to Redis (``attempt_timeout``, ``probe_timeout``, ``probe_interval``,
+#: ``slow_call_threshold``) and for deadlines. Below it nothing can succeed: the core
+#: starts no attempt with less than 2 ms left, and the asyncio watchdog checks attempts
+#: every 2 ms, so a smaller value only ever times out (or, for a slow-call threshold,
+#: counts every healthy reply as a failure) and opens the breaker on a healthy Redis.
+MIN_DURATION = 0.005
 
-def _positive(owner: str, name: str, value: float, *, allow_zero: bool = False) -> None:
+#: What a probe may take when ``BreakerPolicy.probe_timeout`` is not given (capped by
+#: ``probe_interval``).
+DEFAULT_PROBE_TIMEOUT = 0.25
+
+
+def _positive(owner: str, name: str | None, value: float, *, allow_zero: bool = False) -> None:
+    label = owner if name is None else f"{owner}.{name}"
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise ConfigurationError(f"{owner}.{name} must be a number, got {value!r}")
+        raise ConfigurationError(f"{label} must be a number, got {value!r}")
     if math.isinf(value):
-        raise ConfigurationError(f"{owner}.{name} must be finite, got {value!r}")
+        raise ConfigurationError(f"{label} must be finite, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigurationError(f"{owner}.{name} must be {bound}, got {value!r}")
+        raise ConfigurationError(f"{label} must be {bound}, got {value!r}")
+
+
+def _duration(owner: str, name: str | None, value: float) -> None:
+    """A finite number of seconds, at least :data:`MIN_DURATION`."""
+    _positive(owner, name, value)
+    if value < MIN_DURATION:
+        label = owner if name is None else f"{owner}.{name}"
+        raise ConfigurationError(
+            f"{label} must be >= {MIN_DURATION} s, got {value!r} (shorter than one attempt can take)"
+        )
 
 
 def _int_at_least(owner: str, name: str, value: int, low: int) -> None:
@@ -33,11 +56,18 @@ def _fraction(owner: str, name: str, value: float, *, allow_zero: bool) -> None:
         raise ConfigurationError(f"{owner}.{name} must be a fraction in (0, 1], got {value!r}")
 
 
-def _normalise_commands(value: Iterable[str]) -> frozenset[str]:
+def _collection(name: str, value: object, what: str) -> None:
     if isinstance(value, str | bytes):
         raise ConfigurationError(
-            "RetryPolicy.idempotent_commands must be a collection of command names, not a single string"
+            f"RetryPolicy.{name} must be a collection of {what}, not a single "
+            f"{'string' if name == 'idempotent_commands' else 'one'}: got {value!r}"
         )
+    if not isinstance(value, Iterable):
+        raise ConfigurationError(f"RetryPolicy.{name} must be a collection of {what}, got {value!r}")
+
+
+def _normalise_commands(value: Iterable[str]) -> frozenset[str]:
+    _collection("idempotent_commands", value, "command names")
     out = set()
     for name in value:
         if not isinstance(name, str) or not name.strip():
@@ -47,14 +77,17 @@ def _normalise_commands(value: Iterable[str]) -> frozenset[str]:
 
 
 def _normalise_scripts(value: Iterable[str | bytes]) -> frozenset[str]:
-    if isinstance(value, str | bytes):
-        raise ConfigurationError(
-            "RetryPolicy.idempotent_scripts must be a collection of scripts or SHA1 digests, not a single one"
-        )
+    _collection("idempotent_scripts", value, "scripts or SHA1 digests")
     out = set()
     for script in value:
         if isinstance(script, bytes):
-            script = script.decode()
+            try:
+                script = script.decode()
+            except UnicodeDecodeError:
+                raise ConfigurationError(
+                    f"RetryPolicy.idempotent_scripts has an invalid entry {script!r} "
+                    "(bytes that are not UTF-8: give the Lua source as text or UTF-8 bytes, or its SHA1)"
+                ) from None
         if not isinstance(script, str) or not script:
             raise ConfigurationError(f"RetryPolicy.idempotent_scripts has an invalid entry {script!r}")
         is_sha = len(script) == 40 and all(c in "0123456789abcdefABCDEF" for c in script)
@@ -82,8 +115,8 @@ class RetryPolicy:
             a quiet process can still retry.
         budget_window: Seconds of history the retry budget looks at.
         attempt_timeout: Seconds one attempt may take (connect, handshake, send
-            and reply together), or ``None`` to rely on the client's
-            ``socket_timeout`` alone. Always further capped by the request's
+            and reply together; at least :data:`MIN_DURATION`), or ``None`` to
+            rely on the client's ``socket_timeout`` alone. Always further capped by the request's
             deadline. Blocking commands (``BLPOP 5``...) get their block time
             on top.
         idempotent_commands: Extra command names that are safe to send twice
@@ -115,7 +148,7 @@ class RetryPolicy:
         _positive(o, "budget_min_per_second", self.budget_min_per_second, allow_zero=True)
         _positive(o, "budget_window", self.budget_window)
         if self.attempt_timeout is not None:
-            _positive(o, "attempt_timeout", self.attempt_timeout)
+            _duration(o, "attempt_timeout", self.attempt_timeout)
         object.__setattr__(self, "idempotent_commands", _normalise_commands(self.idempotent_commands))
         object.__setattr__(self, "idempotent_scripts", _normalise_scripts(self.idempotent_scripts))
 
@@ -140,7 +173,8 @@ class BreakerPolicy:
             or ``None`` to disable.
         probe_interval: Seconds between background health probes (a ``PING``)
             while open, or ``None`` to disable probes and wait ``reset_timeout``.
-        probe_timeout: Seconds a probe may take.
+        probe_timeout: Seconds a probe may take, at most ``probe_interval``
+            (default: 0.25 s, or ``probe_interval`` if that is shorter).
         evidence_floor: An attempt that timed out counts against the breaker
             only if it was given at least this long (or its whole
             ``attempt_timeout``). A caller whose own deadline left it 3 ms is
@@ -156,7 +190,7 @@ class BreakerPolicy:
     half_open_max_calls: int = 3
     slow_call_threshold: float | None = None
     probe_interval: float | None = 0.5
-    probe_timeout: float = 0.25
+    probe_timeout: float | None = None
     evidence_floor: float = 0.05
 
     def __post_init__(self) -> None:
@@ -168,19 +202,38 @@ class BreakerPolicy:
         _positive(o, "reset_timeout", self.reset_timeout)
         _int_at_least(o, "half_open_max_calls", self.half_open_max_calls, 1)
         if self.slow_call_threshold is not None:
-            _positive(o, "slow_call_threshold", self.slow_call_threshold)
-        if self.probe_interval is not None:
-            _positive(o, "probe_interval", self.probe_interval)
-        _positive(o, "probe_timeout", self.probe_timeout)
+            _duration(o, "slow_call_threshold", self.slow_call_threshold)
+        interval = self.probe_interval
+        if interval is not None:
+            _duration(o, "probe_interval", interval)
+        if self.probe_timeout is None:
+            default = DEFAULT_PROBE_TIMEOUT if interval is None else min(DEFAULT_PROBE_TIMEOUT, interval)
+            object.__setattr__(self, "probe_timeout", default)
+        else:
+            _duration(o, "probe_timeout", self.probe_timeout)
+            # One PING per interval: a probe allowed longer than the interval would stretch
+            # the interval against a hung Redis, and hide that the two were mixed up.
+            if interval is not None and self.probe_timeout > interval:
+                raise ConfigurationError(
+                    f"BreakerPolicy.probe_timeout ({self.probe_timeout}) must be <= "
+                    f"probe_interval ({interval})"
+                )
         _positive(o, "evidence_floor", self.evidence_floor)
 
 
-def validate_deadline(owner: str, value: float | None) -> float | None:
+def validate_deadline(owner: str, value: float | None, *, field: str | None = "deadline") -> float | None:
     """Check a deadline in seconds (``None``: no deadline) and return it.
 
+    Args:
+        owner: Who the value belongs to, for the error message.
+        value: The deadline.
+        field: The field's name after ``owner`` in the message (``owner.deadline``);
+            ``None`` when ``owner`` already names it.
+
     Raises:
-        ConfigurationError: naming ``owner`` when the value is not a finite number > 0.
+        ConfigurationError: naming ``owner`` and the value when it is not a finite
+            number of seconds >= :data:`MIN_DURATION`.
     """
     if value is not None:
-        _positive(owner, "deadline", value)
+        _duration(owner, field, value)
     return value

@@ -12,10 +12,12 @@ import redis.asyncio
 from otel_redis_resilience import (
     BreakerPolicy,
     ConfigurationError,
+    LastKnownGoodPolicy,
     NoActiveRequest,
     Resilience,
     RetryPolicy,
     current_redis,
+    validate_deadline,
 )
 from otel_redis_resilience._safety import block_seconds, is_idempotent
 from tests.infra import RedisServer
@@ -45,6 +47,178 @@ from tests.infra import RedisServer
 def test_invalid_policies_fail_at_construction(factory: Any, match: str) -> None:
     with pytest.raises(ConfigurationError, match=match):
         factory()
+
+
+# Every wrong value a user can plausibly pass (a string from an env var, None, a single
+# item instead of a collection, a duration too small to ever succeed) fails at
+# construction with a ConfigurationError naming the field and the value.
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (
+            lambda: RetryPolicy(attempt_timeout=1e-9),
+            r"RetryPolicy.attempt_timeout must be >= 0.005 s, got 1e-09",
+        ),
+        (lambda: RetryPolicy(attempt_timeout=0.004), r"attempt_timeout must be >= 0.005 s, got 0.004"),
+        (
+            lambda: RetryPolicy(attempt_timeout="0.5"),
+            r"RetryPolicy.attempt_timeout must be a number, got '0.5'",
+        ),
+        (lambda: RetryPolicy(max_attempts=True), r"RetryPolicy.max_attempts must be an integer, got True"),
+        (lambda: RetryPolicy(max_attempts="3"), r"RetryPolicy.max_attempts must be an integer, got '3'"),
+        (lambda: RetryPolicy(max_attempts=None), r"RetryPolicy.max_attempts must be an integer, got None"),
+        (lambda: RetryPolicy(backoff_base="0.1"), r"RetryPolicy.backoff_base must be a number, got '0.1'"),
+        (lambda: RetryPolicy(backoff_cap=None), r"RetryPolicy.backoff_cap must be a number, got None"),
+        (
+            lambda: RetryPolicy(budget_ratio=float("nan")),
+            r"RetryPolicy.budget_ratio must be a number, got nan",
+        ),
+        (lambda: RetryPolicy(budget_min_per_second=float("inf")), r"budget_min_per_second must be finite"),
+        (lambda: RetryPolicy(budget_window=0), r"RetryPolicy.budget_window must be > 0, got 0"),
+        (
+            lambda: RetryPolicy(idempotent_commands=None),
+            r"RetryPolicy.idempotent_commands must be a collection of command names, got None",
+        ),
+        (lambda: RetryPolicy(idempotent_commands=5), r"idempotent_commands must be a collection .*, got 5"),
+        (lambda: RetryPolicy(idempotent_commands=b"INCR"), r"idempotent_commands .* not a single string"),
+        (lambda: RetryPolicy(idempotent_commands=[5]), r"idempotent_commands has an invalid entry 5"),
+        (lambda: RetryPolicy(idempotent_commands=[" "]), r"idempotent_commands has an invalid entry ' '"),
+        (
+            lambda: RetryPolicy(idempotent_scripts=[b"\xff"]),
+            r"RetryPolicy.idempotent_scripts has an invalid entry b'\\xff' \(bytes that are not UTF-8",
+        ),
+        (
+            lambda: RetryPolicy(idempotent_scripts=None),
+            r"idempotent_scripts must be a collection .*, got None",
+        ),
+        (lambda: RetryPolicy(idempotent_scripts=3.5), r"idempotent_scripts must be a collection .*, got 3.5"),
+        (lambda: RetryPolicy(idempotent_scripts=[None]), r"idempotent_scripts has an invalid entry None"),
+        (lambda: RetryPolicy(idempotent_scripts=[""]), r"idempotent_scripts has an invalid entry ''"),
+        (lambda: RetryPolicy(idempotent_scripts="return 1"), r"idempotent_scripts .* not a single one"),
+        (
+            lambda: BreakerPolicy(probe_interval=0.5, probe_timeout=1.0),
+            r"BreakerPolicy.probe_timeout \(1.0\) must be <= probe_interval \(0.5\)",
+        ),
+        (
+            lambda: BreakerPolicy(probe_timeout=1e-9),
+            r"BreakerPolicy.probe_timeout must be >= 0.005 s, got 1e-09",
+        ),
+        (
+            lambda: BreakerPolicy(probe_timeout="0.25"),
+            r"BreakerPolicy.probe_timeout must be a number, got '0.25'",
+        ),
+        (
+            lambda: BreakerPolicy(probe_interval="0.5"),
+            r"BreakerPolicy.probe_interval must be a number, got '0.5'",
+        ),
+        (
+            lambda: BreakerPolicy(slow_call_threshold=1e-6),
+            r"slow_call_threshold must be >= 0.005 s, got 1e-06",
+        ),
+        (lambda: BreakerPolicy(slow_call_threshold="1"), r"slow_call_threshold must be a number, got '1'"),
+        (lambda: BreakerPolicy(failure_threshold=True), r"failure_threshold must be an integer, got True"),
+        (lambda: BreakerPolicy(minimum_calls=None), r"minimum_calls must be an integer, got None"),
+        (lambda: BreakerPolicy(window="10"), r"BreakerPolicy.window must be a number, got '10'"),
+        (
+            lambda: BreakerPolicy(reset_timeout=None),
+            r"BreakerPolicy.reset_timeout must be a number, got None",
+        ),
+        (
+            lambda: BreakerPolicy(failure_rate_threshold="0.5"),
+            r"failure_rate_threshold must be a number, got '0.5'",
+        ),
+        (lambda: BreakerPolicy(half_open_max_calls=1.0), r"half_open_max_calls must be an integer, got 1.0"),
+        (lambda: LastKnownGoodPolicy(max_entries=0), r"LastKnownGoodPolicy.max_entries must be >= 1, got 0"),
+        (lambda: LastKnownGoodPolicy(max_entries="10"), r"max_entries must be an integer, got '10'"),
+        (
+            lambda: LastKnownGoodPolicy(max_bytes=1.5),
+            r"LastKnownGoodPolicy.max_bytes must be an integer, got 1.5",
+        ),
+        (lambda: LastKnownGoodPolicy(max_entry_bytes=None), r"max_entry_bytes must be an integer, got None"),
+        (
+            lambda: LastKnownGoodPolicy(max_bytes=10, max_entry_bytes=20),
+            r"max_entry_bytes must be <= max_bytes",
+        ),
+        (lambda: validate_deadline("request", "0.5"), r"request.deadline must be a number, got '0.5'"),
+        (lambda: validate_deadline("request", 1e-9), r"request.deadline must be >= 0.005 s, got 1e-09"),
+        (lambda: validate_deadline("request", True), r"request.deadline must be a number, got True"),
+        (lambda: validate_deadline("request", float("inf")), r"request.deadline must be finite, got inf"),
+    ],
+)
+def test_wrong_values_are_configuration_errors_naming_field_and_value(factory: Any, match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        factory()
+
+
+def test_smallest_accepted_durations() -> None:
+    RetryPolicy(attempt_timeout=0.005)
+    BreakerPolicy(probe_interval=0.005, probe_timeout=0.005, slow_call_threshold=0.005)
+    BreakerPolicy(probe_interval=None, probe_timeout=5.0)  # no probes: nothing to compare with
+    # Not given, the probe timeout is 0.25 s, or the interval if that is shorter.
+    assert BreakerPolicy().probe_timeout == 0.25
+    assert BreakerPolicy(probe_interval=0.05).probe_timeout == 0.05
+    assert BreakerPolicy(probe_interval=None).probe_timeout == 0.25
+    validate_deadline("request", 0.005)
+    RetryPolicy(idempotent_scripts=[b"return 1", "return 2", b"0" * 40], idempotent_commands=("incr",))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"hooks": print},
+            r"Resilience\(hooks=...\) must be a sequence of callables, got <built-in function print>",
+        ),
+        ({"hooks": None}, r"Resilience\(hooks=...\) must be a sequence of callables, got None"),
+        ({"hooks": "print"}, r"Resilience\(hooks=...\) must be a sequence of callables, got 'print'"),
+        ({"hooks": [print, 42]}, r"Resilience\(hooks=...\) entries must be callable, got 42"),
+        ({"deadline": "0.5"}, r"Resilience.deadline must be a number, got '0.5'"),
+        ({"deadline": 1e-9}, r"Resilience.deadline must be >= 0.005 s"),
+        (
+            {"retry": None, "breaker": "fast"},
+            r"Resilience\(breaker=...\) must be a BreakerPolicy, got 'fast'",
+        ),
+        (
+            {"retry": {"max_attempts": 2}},
+            r"Resilience\(retry=...\) must be a RetryPolicy, got \{'max_attempts': 2\}",
+        ),
+        (
+            {"capture_statement": "yes"},
+            r"Resilience\(capture_statement=...\) must be True or False, got 'yes'",
+        ),
+        (
+            {"tracer_provider": "otlp"},
+            r"Resilience\(tracer_provider=...\) must be a TracerProvider, got 'otlp'",
+        ),
+        ({"meter_provider": object}, r"Resilience\(meter_provider=...\) must be a MeterProvider, got <class"),
+        (
+            {"last_known_good": True},
+            r"Resilience\(last_known_good=...\) must be a LastKnownGoodPolicy, got True",
+        ),
+        (
+            {"write_behind": "/tmp/x"},
+            r"Resilience\(write_behind=...\) must be a WriteBehindConfig, got '/tmp/x'",
+        ),
+    ],
+)
+def test_wrong_resilience_arguments(clean_redis: RedisServer, kwargs: dict[str, Any], match: str) -> None:
+    client = redis.Redis(host=clean_redis.host, port=clean_redis.port)
+    with pytest.raises(ConfigurationError, match=match):
+        Resilience(client, **kwargs)
+    client.close()
+
+
+@pytest.mark.parametrize("deadline", ["0.5", -1, 0, 1e-9, float("nan"), True, [1]])
+def test_wrong_request_deadlines(clean_redis: RedisServer, deadline: Any) -> None:
+    client = redis.Redis(host=clean_redis.host, port=clean_redis.port)
+    res = Resilience(client)
+    with pytest.raises(ConfigurationError, match=r"request.deadline must be"):
+        res.request(deadline=deadline)
+    with res.request() as h:
+        scope = h._orr_scope
+        with pytest.raises(ConfigurationError, match=r"RequestScope.set_deadline.deadline must be"):
+            scope.set_deadline(deadline)
+    client.close()
 
 
 def test_invalid_resilience_arguments(clean_redis: RedisServer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,11 +22,13 @@ from opentelemetry.trace import SpanKind
 
 from otel_redis_resilience import (
     ConfigurationError,
+    Journaled,
     NoActiveRequest,
     RedisUnavailable,
     RequestScope,
     Resilience,
     RetryPolicy,
+    WriteBehindConfig,
     current_redis,
     current_scope,
 )
@@ -331,3 +334,84 @@ def test_composes_with_flask_instrumentor(clean_redis: RedisServer, order: str) 
     assert degraded["redis.resilience.degraded"] is True
     assert recovered["redis.resilience.operations"] == 1
     assert recovered["redis.resilience.degraded"] is False
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ("0.5", r"REDIS_RESILIENCE_DEADLINE.*must be a number, got '0\.5'"),
+        (0, r"REDIS_RESILIENCE_DEADLINE.*must be > 0, got 0"),
+        (-1.0, r"REDIS_RESILIENCE_DEADLINE.*must be > 0"),
+        (True, r"REDIS_RESILIENCE_DEADLINE.*must be a number, got True"),
+        (float("nan"), r"REDIS_RESILIENCE_DEADLINE.*must be a number"),
+        (float("inf"), r"REDIS_RESILIENCE_DEADLINE.*must be finite"),
+        ([0.5], r"REDIS_RESILIENCE_DEADLINE.*must be a number, got \[0\.5\]"),
+    ],
+)
+def test_invalid_config_deadline_is_rejected_at_init_app(res: Resilience, config: Any, match: str) -> None:
+    app = Flask(__name__)
+    app.config[CONFIG_DEADLINE] = config
+    with pytest.raises(ConfigurationError, match=match):
+        RedisResilience(app, resilience=res)
+    with pytest.raises(ConfigurationError, match=match):
+        RedisResilience().init_app(app, resilience=res)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"deadline": "0.5"}, r"RedisResilience.deadline must be a number, got '0\.5'"),
+        ({"deadline": -1}, r"RedisResilience.deadline must be > 0"),
+        ({"deadline": float("nan")}, r"RedisResilience.deadline must be a number"),
+        ({"resilience": "redis://localhost"}, r"needs resilience=Resilience"),
+    ],
+)
+def test_invalid_extension_options(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        RedisResilience(Flask(__name__), **kwargs)
+
+
+@pytest.mark.parametrize("seconds", ["0.2", 0, -0.1, True, float("inf")])
+def test_invalid_route_deadline(seconds: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"redis_deadline.deadline must be"):
+        redis_deadline(seconds)
+
+
+def test_invalid_class_based_view_deadline_is_a_configuration_error(res: Resilience) -> None:
+    app = make_app(res)
+
+    class Bad(MethodView):
+        redis_deadline = "0.2"
+
+        def get(self) -> str:
+            return "never"
+
+    app.add_url_rule("/bad", view_func=Bad.as_view("bad"))
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+    with pytest.raises(ConfigurationError, match=r"must be a number, got '0\.2'"):
+        app.test_client().get("/bad")
+
+
+def test_two_test_client_sessions_with_a_close_between(clean_redis: RedisServer) -> None:
+    """Flask has no shutdown hook; a suite that closes the Resilience between tests can use it again."""
+    client = redis.Redis(host=clean_redis.host, port=clean_redis.port, socket_timeout=5.0)
+    with tempfile.TemporaryDirectory() as d:
+        res = Resilience(client, write_behind=WriteBehindConfig(d, fsync="off"))
+        app = make_app(res)
+
+        @app.post("/w/<value>")
+        def write(value: str) -> Any:
+            return jsonify(journaled=isinstance(g.redis.write_behind().set("k", value), Journaled))
+
+        for session in range(2):
+            with app.test_client() as c:
+                assert c.post(f"/w/direct-{session}").json == {"journaled": False}
+                res.force_open()
+                assert c.post(f"/w/behind-{session}").json == {"journaled": True}
+                res.reset()
+                deadline = time.monotonic() + 5
+                while res.write_behind_journal.pending_count() and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                assert client.get("k") == f"behind-{session}".encode()
+            res.close()  # e.g. a fixture's teardown
+        client.close()

@@ -479,3 +479,32 @@ def test_probe_runs_again_in_the_next_lifespan(redis_server: RedisServer, framew
         wait_for(lambda: res.breaker_state is not BreakerState.OPEN)
         assert c.get("/r").json() == {"value": None}
     res.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"deadline": "0.5"}, r"ResilienceMiddleware.deadline must be a number, got '0.5'"),
+        ({"deadline": 1e-9}, r"ResilienceMiddleware.deadline must be >= 0.005 s, got 1e-09"),
+        ({"deadline": True}, r"ResilienceMiddleware.deadline must be a number, got True"),
+        ({"route_deadlines": [("/x", 0.1)]}, r"route_deadlines must be a mapping \{path: seconds\}, got \["),
+        ({"route_deadlines": {"/x": "0.1"}}, r"route_deadlines\['/x'\].deadline must be a number, got '0.1'"),
+        ({"route_deadlines": {"/x": 0}}, r"route_deadlines\['/x'\].deadline must be > 0, got 0"),
+        (
+            {"route_deadlines": {"items/{id}": 0.1}},
+            r"keys must be paths starting with '/'.*got 'items/\{id\}'",
+        ),
+        ({"route_deadlines": {5: 0.1}}, r"keys must be paths starting with '/'.*got 5"),
+        ({"close_on_shutdown": "no"}, r"close_on_shutdown must be True or False, got 'no'"),
+        ({"resilience": "redis://localhost"}, r"needs resilience=Resilience\(redis.asyncio.Redis"),
+    ],
+)
+async def test_wrong_middleware_options(res: Resilience, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        ResilienceMiddleware(Starlette(), **{"resilience": res, **kwargs})
+
+
+@pytest.mark.parametrize("seconds", ["0.2", 0, -1, 1e-9, float("nan"), True])
+def test_wrong_route_dependency_deadline(seconds: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"redis_deadline.deadline must be"):
+        redis_deadline(seconds)

@@ -96,6 +96,9 @@ class RedisResilience:
                 "threads, async views included), got one of a redis.asyncio.Redis"
             )
         app.config.setdefault(CONFIG_DEADLINE, self.deadline)
+        # Checked now, not at the first request: a string from an env var would
+        # otherwise make every request fail.
+        validate_deadline(f"app.config[{CONFIG_DEADLINE!r}]", app.config[CONFIG_DEADLINE], field=None)
         app.extensions[EXTENSION_KEY] = _State(self, res)
         hooks = app.before_request_funcs.setdefault(None, [])
         if _open_scope not in hooks:  # init_app twice: the new Resilience, the same hooks

@@ -79,6 +79,15 @@ class ResilienceMiddleware:
                 f"got {resilience!r}"
             )
         validate_deadline("ResilienceMiddleware", deadline)
+        if not isinstance(close_on_shutdown, bool):
+            raise ConfigurationError(
+                f"ResilienceMiddleware.close_on_shutdown must be True or False, got {close_on_shutdown!r}"
+            )
+        if route_deadlines is not None and not isinstance(route_deadlines, Mapping):
+            raise ConfigurationError(
+                "ResilienceMiddleware.route_deadlines must be a mapping {path: seconds}, "
+                f"got {route_deadlines!r}"
+            )
         self.app = app
         self.resilience = resilience
         self.deadline = deadline
@@ -86,6 +95,11 @@ class ResilienceMiddleware:
         self._exact: dict[str, float | None] = {}
         self._templates: list[tuple[re.Pattern[str], float | None]] = []
         for path, seconds in (route_deadlines or {}).items():
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise ConfigurationError(
+                    "ResilienceMiddleware.route_deadlines keys must be paths starting with '/' "
+                    f"(as the router sees them), got {path!r}"
+                )
             validate_deadline(f"ResilienceMiddleware route_deadlines[{path!r}]", seconds)
             if "{" in path:
                 self._templates.append((compile_path(path)[0], seconds))

@@ -22,13 +22,18 @@ class Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class RetryScheduled:
-    """An attempt failed and another one will run after ``delay`` seconds."""
+    """An attempt failed and another one will run after ``delay`` seconds.
+
+    ``error_message`` is the failure's redacted text (``"Timeout reading from socket"``):
+    events never carry the exception itself, whose message may quote keys and values.
+    """
 
     endpoint: Endpoint
     operation: str
     attempt: int
     delay: float
     error_type: str
+    error_message: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +58,13 @@ class CallRejected:
 
 @dataclass(frozen=True, slots=True)
 class OperationFinished:
-    """A logical operation ended (``outcome``: ok, retried, rejected, failed, deadline_exceeded, error)."""
+    """A logical operation ended (``outcome``: ok, retried, rejected, failed, deadline_exceeded, error).
+
+    On failure ``error_message`` is the redacted text also recorded on the span's
+    ``exception`` event (``"ERR unknown command"``, ``"WRONGTYPE Operation against a key
+    holding the wrong kind of value"``); None on success. The exception itself is not
+    passed: its message may quote keys and values.
+    """
 
     endpoint: Endpoint
     operation: str
@@ -61,6 +72,7 @@ class OperationFinished:
     attempts: int
     duration: float
     error_type: str | None
+    error_message: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

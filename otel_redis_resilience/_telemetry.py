@@ -7,6 +7,7 @@ failure is caught and logged (rate-limited).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -33,6 +34,7 @@ from ._events import (
     OperationFinished,
     RetryScheduled,
 )
+from ._redact import error_message, exception_attributes, stacktrace
 
 if TYPE_CHECKING:
     from ._engine import Operation
@@ -309,7 +311,7 @@ class Telemetry:
         except Exception:
             _log_telemetry_failure()
         if self.hooks:
-            self._emit(RetryScheduled(self.endpoint, op.name, op.attempts, delay, etype))
+            self._emit(RetryScheduled(self.endpoint, op.name, op.attempts, delay, etype, error_message(exc)))
 
     def rejected(self, op: Operation, reason: str) -> None:
         if op.scope is not None:
@@ -376,7 +378,9 @@ class Telemetry:
                     if exc is not None and outcome != "cancelled":
                         span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
                         if outcome != "rejected":
-                            span.record_exception(exc)
+                            # Not span.record_exception: its message and traceback quote the
+                            # command's arguments (see _redact).
+                            span.add_event("exception", exception_attributes(exc))
                 span.end()
                 op.span = None
             key = (op.name, etype)
@@ -393,7 +397,10 @@ class Telemetry:
         if scope is not None and scope.summary_span:
             self.summarize(scope)
         if self.hooks:
-            self._emit(OperationFinished(self.endpoint, op.name, outcome, op.attempts, duration, etype))
+            message = error_message(exc) if exc is not None else None
+            self._emit(
+                OperationFinished(self.endpoint, op.name, outcome, op.attempts, duration, etype, message)
+            )
 
     # -- breaker ---------------------------------------------------------------
 
@@ -478,7 +485,7 @@ class Telemetry:
                 self.endpoint,
                 error_type(failure),
             )
-            logger.debug("write-behind replay failure", exc_info=failure)
+            _debug_traceback("write-behind replay failure", failure)
         tracer = self._get_tracer()
         if tracer is None:
             return
@@ -524,18 +531,41 @@ class Telemetry:
             _log_telemetry_failure()
 
 
+def _debug_traceback(msg: str, exc: BaseException | None) -> None:
+    """``logger.debug(msg, exc_info=exc)``, with the traceback redacted.
+
+    A plain exc_info traceback ends with the exception's message (and its chained
+    exceptions'), which may quote a key or a value. Handlers that print ``exc_text`` (the
+    standard Formatter does) show the redacted one.
+    """
+    if exc is None or not logger.isEnabledFor(logging.DEBUG):
+        return
+    record = logger.makeRecord(logger.name, logging.DEBUG, __file__, 0, msg, (), None)
+    record.exc_text = stacktrace(exc).rstrip("\n")
+    logger.handle(record)
+
+
+def _hook_name(hook: object) -> str:
+    # Not repr(): a partial or a configured object shows its arguments, credentials included.
+    name = getattr(hook, "__qualname__", None)
+    if not isinstance(name, str):
+        name = type(hook).__qualname__
+    module = getattr(hook, "__module__", None) or type(hook).__module__
+    return f"{module}.{name}" if isinstance(module, str) else name
+
+
 def _log_hook_failure(hook: object) -> None:
     _ratelimited(
         f"hook:{id(hook)}",
         logging.ERROR,
-        "otel_redis_resilience hook %r raised; the Redis call is not affected",
-        hook,
+        "otel_redis_resilience hook %s raised; the Redis call is not affected",
+        _hook_name(hook),
     )
-    logger.debug("hook failure", exc_info=True)
+    _debug_traceback("hook failure", sys.exc_info()[1])
 
 
 def _log_telemetry_failure() -> None:
     _ratelimited(
         "telemetry", logging.ERROR, "otel_redis_resilience telemetry failed; the Redis call is not affected"
     )
-    logger.debug("telemetry failure", exc_info=True)
+    _debug_traceback("telemetry failure", sys.exc_info()[1])

@@ -58,6 +58,8 @@ class Tel:
         self.tp.add_span_processor(SimpleSpanProcessor(self.exporter))
         self.reader = InMemoryMetricReader()
         self.mp = MeterProvider(metric_readers=[self.reader])
+        # Fallback events go on the span current when the fallback is served: a server span.
+        self.request = self.tp.get_tracer("test").start_as_current_span
 
     def texts(self) -> list[str]:
         out = []
@@ -283,7 +285,7 @@ def test_blackhole_then_breaker_open_and_fallbacks(
     try:
         r.call("set", CANARY_KEY, CANARY_VALUE)
         proxy.set_mode("blackhole")
-        with capture() as cap:
+        with capture() as cap, tel.request("request"):
             with pytest.raises(RedisUnavailable):
                 r.call("get", CANARY_KEY)
             with pytest.raises(RedisUnavailable) as info:
@@ -319,7 +321,7 @@ def test_blackhole_then_breaker_open_and_fallbacks(
         assert exc["exception.message"].startswith("Redis unavailable (")
         assert cap.events("redis.resilience.rejected")
         kinds = {e["redis.resilience.fallback.kind"] for e in cap.events("redis.resilience.fallback")}
-        assert {"miss"} <= kinds
+        assert kinds == {"miss", "value" if mode == "sync" else "function"}
         assert any("unavailable" in line for line in cap.logs())
     finally:
         r.close()
@@ -343,14 +345,17 @@ def test_write_behind_journal_and_replay(
     try:
         with capture() as cap:
             r.res.force_open()
-            assert isinstance(journal(), Journaled)
+            with tel.request("request"):
+                assert isinstance(journal(), Journaled)
             r.res.reset()
             assert r.wait_for(lambda: r.res.write_behind_journal.pending_count() == 0, 20)
             r.wait_for(lambda: any(s.name.endswith("replay") for s in cap.spans), 5)
         assert clean_redis.client().hget(CANARY_KEY, CANARY_VALUE) == CANARY_VALUE.encode()
         cap.assert_clean()
         assert not [t for t in tel.texts() if leaks(t)]
-        assert any(s.name == "redis.resilience.writebehind.replay" for s in cap.our_spans())
+        assert any(s.name == "redis.resilience.writebehind.replay" for s in cap.our_spans()), [
+            (s.name, s.instrumentation_scope) for s in tel.exporter.get_finished_spans()
+        ]
         assert any(
             e["redis.resilience.fallback.kind"] == "write_behind"
             for e in cap.events("redis.resilience.fallback")
@@ -416,3 +421,48 @@ def test_the_canary_scan_itself_finds_a_leak() -> None:
         logging.getLogger(SELFTEST_LOGGER).debug("x %s", CANARY_KEY.upper())
     assert cap.leaked()
     assert leaks(f"v={CANARY_VALUE}") == [CANARY_VALUE]
+
+
+# -- text crafted to get through ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        # A script's error reply is free text: nothing of it but the code is believed.
+        (lambda p: p.eval("return redis.error_reply(ARGV[1])", 0, f"ERR key {CANARY_KEY} not found"), "ERR"),
+        (lambda p: p.eval("return redis.error_reply(ARGV[1])", 0, f"MYCODE {CANARY_VALUE}"), "MYCODE"),
+        # A value shaped like redis-py's pipeline wording, echoed back by the server.
+        (
+            lambda p: p.execute_command(
+                "NOSUCHCMD", f"a) of pipeline caused error: WRONGTYPE {CANARY_VALUE}"
+            ),
+            "Command # 1 of pipeline caused error: ERR",
+        ),
+    ],
+    ids=["script-err", "script-code", "pipeline-wording"],
+)
+def test_crafted_error_text(
+    mode: str, build: Callable[[Any], Any], expected: str, tel: Tel, clean_redis: RedisServer
+) -> None:
+    r = make(mode, tel, clean_redis)
+    try:
+        with capture() as cap:
+            if expected.startswith("Command"):
+                raises_with_canary(redis.ResponseError, lambda: r.pipeline(build, transaction=False))
+            else:
+                raises_with_canary(redis.ResponseError, lambda: build(_Direct(r)))
+        assert_clean(cap, tel, r)
+        assert only_exception(tel)["exception.message"] == expected
+    finally:
+        r.close()
+
+
+class _Direct:
+    """``p.eval(...)`` on a runner, for the cases written against a pipeline."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def eval(self, *args: Any) -> Any:
+        return self.runner.call("eval", *args)

@@ -575,6 +575,72 @@ def test_crashed_process_journal_is_adopted(jdir: Path) -> None:
         assert len(j.read_batch(100)) == 50
 
 
+def test_lease_of_a_dead_holder_is_taken_over_at_once(jdir: Path) -> None:
+    with _child(_HOLD_LEASE_AND_APPEND, str(jdir), "60") as proc, Journal(JournalConfig(jdir)) as j:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "done"
+        # Alive: respected, with or without take_over_dead.
+        assert not j.try_acquire_lease(take_over_dead=True)
+        assert not j.try_acquire_lease()
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while _process_state(proc.pid) not in ("Z", None) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # Killed and not reaped yet (a zombie): dead, its lease is taken over at once.
+        assert _process_state(proc.pid) == "Z"
+        assert not j.try_acquire_lease()  # plain expiry rules: 60 s to go
+        assert j.try_acquire_lease(take_over_dead=True)
+        assert j.renew_lease()
+        proc.wait()
+
+
+def test_lease_of_a_live_holder_in_this_process_is_never_taken_over(jdir: Path) -> None:
+    with Journal(JournalConfig(jdir)) as a, Journal(JournalConfig(jdir)) as b:
+        assert a.try_acquire_lease()
+        assert not b.try_acquire_lease(take_over_dead=True)
+
+
+def test_lease_owner_from_an_unknown_place_is_waited_out(jdir: Path) -> None:
+    # Another host or pid namespace (or an older library version): its pid means nothing here.
+    # 4194305 is above any pid Linux can hand out (PID_MAX_LIMIT is 2**22).
+    with Journal(JournalConfig(jdir, lease_seconds=60)) as j:
+        conn = sqlite3.connect(j.path, isolation_level=None)  # autocommit: no transaction left open
+        try:
+            conn.execute(
+                "INSERT INTO lease (id, owner, expires_at) VALUES (1, ?, ?)", ("4194305:abc", time.time() + 60)
+            )
+            assert not j.try_acquire_lease(take_over_dead=True)
+            conn.execute("UPDATE lease SET owner = ?", ("4194305:abc:1:other-boot/pid:[1]",))
+            assert not j.try_acquire_lease(take_over_dead=True)
+            # The same owner on this host, whose pid does not exist: taken over.
+            mine = j.lease_owner_token.split(":", 3)
+            conn.execute("UPDATE lease SET owner = ?", (f"4194305:abc:1:{mine[3]}",))
+            assert j.try_acquire_lease(take_over_dead=True)
+        finally:
+            conn.close()
+
+
+def _process_state(pid: int) -> str | None:
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return None
+    return data[data.rfind(b")") + 2 :].split()[0].decode()
+
+
+def test_public_exceptions_print_with_the_public_module() -> None:
+    import traceback
+
+    import otel_redis_resilience
+    from otel_redis_resilience import JournalCorruptError, JournalError, JournalFullError, WriteBehindError
+
+    for cls in (JournalError, JournalFullError, JournalCorruptError, WriteBehindError):
+        assert cls.__module__ == "otel_redis_resilience"
+        assert getattr(otel_redis_resilience, cls.__name__) is cls
+    text = "".join(traceback.format_exception_only(JournalError("disk full")))
+    assert text.startswith("otel_redis_resilience.JournalError: disk full")
+
+
 def test_close_releases_the_lease(jdir: Path) -> None:
     a = Journal(JournalConfig(jdir))
     b = Journal(JournalConfig(jdir))

@@ -19,7 +19,8 @@ the next replay after a crash), so they must outlive it (``marker_ttl``) and mus
 before that loss are applied again onto the emptied dataset. Redis Cluster is not supported: the
 marker and the written key generally live in different slots. Exactly-once holds even if two
 processes replay at the same time (an owner stalled past its lease); per-key order across batches
-relies on the lease, which lets only one process replay at a time.
+relies on the lease, which lets only one process replay at a time. A lease whose holder died
+(a process of this host that no longer runs) is taken over at once rather than after it expires.
 
 Decisions live in pure functions (:func:`plan_batch`, :func:`interpret_results` and a small
 sans-I/O step generator), shared by the sync and the asyncio drivers, which only do I/O.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import time
 from collections.abc import Generator, Sequence
@@ -145,6 +147,7 @@ class BatchOutcome:
         script_missing: Redis answered NOSCRIPT for at least one entry.
         stop: replay must stop now (connection, timeout or transient server error); see ``error``.
         error: the error behind ``stop``.
+        slowest: seconds of the batch's slowest Redis round trip (set by the drivers).
     """
 
     applied: tuple[int, ...] = ()
@@ -154,6 +157,7 @@ class BatchOutcome:
     script_missing: bool = False
     stop: bool = False
     error: BaseException | None = field(default=None, compare=False)
+    slowest: float = field(default=0.0, compare=False)
 
     @property
     def acked(self) -> tuple[int, ...]:
@@ -184,6 +188,8 @@ class ReplayTotals:
         lease_acquired: False if another process holds the replay lease (nothing was done).
         completed: the journal was drained.
         error: why the run stopped early (connection/timeout/transient server error, lost lease).
+        slowest: seconds of the run's slowest Redis round trip (one pipeline, or SCRIPT LOAD):
+            what the breaker is told about Redis's speed when the run succeeds.
     """
 
     applied: int = 0
@@ -194,6 +200,7 @@ class ReplayTotals:
     lease_acquired: bool = True
     completed: bool = False
     error: BaseException | None = field(default=None, compare=False)
+    slowest: float = field(default=0.0, compare=False)
 
 
 def marker_key(prefix: str, journal_uuid: str, entry_id: int) -> bytes:
@@ -483,17 +490,20 @@ def replay_batch_sync(
     if not entries:
         return BatchOutcome()
     steps = _steps_for(journal, entries)
+    slowest = 0.0
     try:
         request = next(steps)
         while True:
+            started = time.monotonic()
             try:
                 response = _execute_sync(client, request)
             except redis_exc.RedisError as exc:
                 request = steps.throw(exc)
             else:
+                slowest = max(slowest, time.monotonic() - started)
                 request = steps.send(response)
     except StopIteration as done:
-        outcome: BatchOutcome = done.value
+        outcome: BatchOutcome = dataclasses.replace(done.value, slowest=slowest)
     _settle(journal, outcome)
     if isinstance(outcome.error, _IO_ERRORS):
         raise outcome.error
@@ -514,7 +524,8 @@ def replay_all_sync(
     before every batch and released at the end.
     """
     _check_batch_size(batch_size)
-    if not journal.try_acquire_lease(time.time()):
+    # A holder that died mid-run (SIGKILL, OOM kill) is taken over at once, not after its lease.
+    if not journal.try_acquire_lease(time.time(), take_over_dead=True):
         return ReplayTotals(lease_acquired=False, remaining=journal.pending_count())
     acc = _Totals()
     try:
@@ -567,17 +578,20 @@ async def replay_batch_async(
     if not entries:
         return BatchOutcome()
     steps = _steps_for(journal, entries)
+    slowest = 0.0
     try:
         request = next(steps)
         while True:
+            started = time.monotonic()
             try:
                 response = await _execute_async(client, request)
             except redis_exc.RedisError as exc:
                 request = steps.throw(exc)
             else:
+                slowest = max(slowest, time.monotonic() - started)
                 request = steps.send(response)
     except StopIteration as done:
-        outcome: BatchOutcome = done.value
+        outcome: BatchOutcome = dataclasses.replace(done.value, slowest=slowest)
     await asyncio.to_thread(_settle, journal, outcome)
     if isinstance(outcome.error, _IO_ERRORS):
         raise outcome.error
@@ -593,7 +607,7 @@ async def replay_all_async(
 ) -> ReplayTotals:
     """The asyncio twin of :func:`replay_all_sync`."""
     _check_batch_size(batch_size)
-    if not await asyncio.to_thread(journal.try_acquire_lease, time.time()):
+    if not await asyncio.to_thread(journal.try_acquire_lease, time.time(), take_over_dead=True):
         remaining = await asyncio.to_thread(journal.pending_count)
         return ReplayTotals(lease_acquired=False, remaining=remaining)
     acc = _Totals()
@@ -631,6 +645,7 @@ class _Totals:
     batches: int = 0
     completed: bool = False
     error: BaseException | None = None
+    slowest: float = 0.0
 
     def add(self, outcome: BatchOutcome) -> bool:
         """Account for one batch; return True when the loop must end."""
@@ -638,6 +653,7 @@ class _Totals:
             self.completed = True
             return True
         self.batches += 1
+        self.slowest = max(self.slowest, outcome.slowest)
         self.applied += len(outcome.applied)
         self.duplicates += len(outcome.duplicates)
         self.dead += len(outcome.dead)
@@ -659,4 +675,5 @@ class _Totals:
             lease_acquired=True,
             completed=self.completed or (self.error is None and remaining == 0),
             error=self.error,
+            slowest=self.slowest,
         )

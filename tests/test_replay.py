@@ -330,6 +330,56 @@ def test_lease_held_elsewhere_means_no_replay(tmp_path: Path, client: redis.Redi
         b.close()
 
 
+_HOLD_LEASE = """
+    import sys
+    from otel_redis_resilience._journal import Journal, JournalConfig
+    j = Journal(JournalConfig(sys.argv[1], fsync="normal"))
+    assert j.try_acquire_lease()
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_replay_takes_over_the_lease_of_a_killed_holder(
+    driver: str, journal: Journal, clean_redis: RedisServer
+) -> None:
+    journal.append(b"k", (b"INCRBY", b"k", 2))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    directory = str(journal.config.directory)
+    with subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_HOLD_LEASE), directory],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "held"
+        c = _client(clean_redis)
+        assert not replay_all_sync(c, journal).lease_acquired  # alive: respected
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # Dead: taken over at once, not after lease_seconds (10 s).
+        if driver == "sync":
+            totals = replay_all_sync(c, journal)
+        else:
+
+            async def run() -> ReplayTotals:
+                ac = _async_client(clean_redis)
+                try:
+                    return await replay_all_async(ac, journal)
+                finally:
+                    await ac.aclose()
+
+            totals = asyncio.run(run())
+        assert totals.lease_acquired
+        assert (totals.applied, totals.remaining) == (1, 0)
+        assert 0 < totals.slowest < 5  # the round trip the breaker is told about
+        assert c.get(b"k") == b"2"
+        c.close()
+
+
 def test_max_batches_and_lost_lease_end_the_run(tmp_path: Path, clean_redis: RedisServer) -> None:
     a = Journal(JournalConfig(tmp_path / "wb", fsync="normal"))
     b = Journal(JournalConfig(tmp_path / "wb", fsync="normal"))

@@ -6,7 +6,8 @@ Both apps (``examples.flask_app`` and ``examples.starlette_app``) serve the same
 - ``POST /counter``: ``INCR``, never double-counted; 503 with the outcome when Redis is unavailable.
 - ``POST /events``: stores the JSON body (``HSET events <id> <json>``) through write-behind:
   201 ``{"journaled": false}`` when applied now, 202 ``{"journaled": true}`` when journaled
-  (Redis down); the journal replays it exactly once when Redis is back.
+  (Redis down); the journal replays it exactly once when Redis is back. 503 with
+  ``{"journaled": false}`` when it was neither: the journal is full or failed (its disk is full).
 - ``GET /health``: the breaker state; never touches Redis.
 - ``GET /metrics``: Prometheus exposition of the app's metrics.
 
@@ -131,12 +132,21 @@ def counter_unavailable_body(exc: Exception) -> dict[str, Any]:
 
 
 def event_refused_body(exc: Exception) -> dict[str, Any]:
-    """The 503 body of ``POST /events`` when the write was neither applied nor journaled."""
-    return {
-        "error": "journal_full" if isinstance(exc, JournalFullError) else "redis_unavailable",
-        "journaled": False,
-        "detail": str(exc),
-    }
+    """The 503 body of ``POST /events`` when the write was neither applied nor journaled.
+
+    ``error`` says why: ``journal_full`` (the journal's configured bound), ``journal_failed``
+    (Redis is down and the journal could not take the write either, e.g. its disk is full) or
+    ``redis_unavailable`` (e.g. an INCR-like write whose outcome is unknown, never journaled).
+    """
+    if isinstance(exc, JournalFullError):
+        error = "journal_full"
+    elif isinstance(exc, RedisUnavailable) and exc.reason == "journal_failed":
+        error = "journal_failed"
+    else:
+        error = "redis_unavailable"
+    # The event is not kept; the client may retry it later. (An HSET whose reply was lost may
+    # have been applied; retrying it is harmless.)
+    return {"error": error, "journaled": False, "detail": str(exc)}
 
 
 def new_event(payload: Any) -> tuple[str, bytes]:

@@ -64,6 +64,8 @@ def post_event() -> Any:
     try:
         # HSET is idempotent: even a write whose reply was lost can be journaled and replayed.
         outcome = g.redis.write_behind().hset(common.EVENTS_KEY, event_id, body)
+    # RedisUnavailable includes reason "journal_failed": Redis is down and the journal could not
+    # keep the write either (its disk is full). Either way the event was not kept: 503.
     except (RedisUnavailable, JournalFullError) as exc:
         return jsonify(common.event_refused_body(exc)), 503
     journaled = isinstance(outcome, Journaled)

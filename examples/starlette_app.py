@@ -71,6 +71,8 @@ async def post_event(request: Request) -> Response:
     try:
         # HSET is idempotent: even a write whose reply was lost can be journaled and replayed.
         outcome = await request.state.redis.write_behind().hset(common.EVENTS_KEY, event_id, body)
+    # RedisUnavailable includes reason "journal_failed": Redis is down and the journal could not
+    # keep the write either (its disk is full). Either way the event was not kept: 503.
     except (RedisUnavailable, JournalFullError) as exc:
         return JSONResponse(common.event_refused_body(exc), status_code=503)
     journaled = isinstance(outcome, Journaled)

@@ -7,6 +7,9 @@ Modes:
   were acknowledged and which (at most one per thread) were in flight.
 - ``replay``: open the journal (adopting what others left), wait until it is
   drained, print ``drained <pending>``.
+- ``hold-lease``: journal ``--writes`` ``INCRBY counter 1`` entries, take the
+  replay lease, print ``held``, then hold it until killed (a replayer that dies
+  mid-run, as seen by the other processes sharing the journal).
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import time
 import redis
 
 from otel_redis_resilience import BreakerPolicy, Journaled, Resilience, RetryPolicy, WriteBehindConfig
+from otel_redis_resilience._journal import Journal
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["write", "replay"])
+    ap.add_argument("mode", choices=["write", "replay", "hold-lease"])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--dir", required=True)
     ap.add_argument("--name", default="p")
@@ -31,6 +35,15 @@ def main() -> None:
     ap.add_argument("--writes", type=int, default=1000, help="per thread; 0 = until killed")
     ap.add_argument("--timeout", type=float, default=120.0)
     args = ap.parse_args()
+
+    if args.mode == "hold-lease":
+        journal = Journal(WriteBehindConfig(args.dir))
+        for _ in range(args.writes):
+            journal.append(b"counter", (b"INCRBY", b"counter", 1))
+        assert journal.try_acquire_lease()
+        print("held", flush=True)
+        sys.stdin.readline()
+        return
 
     client = redis.Redis(host="127.0.0.1", port=args.port, socket_timeout=2, socket_connect_timeout=2)
     res = Resilience(

@@ -607,7 +607,8 @@ def test_lease_owner_from_an_unknown_place_is_waited_out(jdir: Path) -> None:
         conn = sqlite3.connect(j.path, isolation_level=None)  # autocommit: no transaction left open
         try:
             conn.execute(
-                "INSERT INTO lease (id, owner, expires_at) VALUES (1, ?, ?)", ("4194305:abc", time.time() + 60)
+                "INSERT INTO lease (id, owner, expires_at) VALUES (1, ?, ?)",
+                ("4194305:abc", time.time() + 60),
             )
             assert not j.try_acquire_lease(take_over_dead=True)
             conn.execute("UPDATE lease SET owner = ?", ("4194305:abc:1:other-boot/pid:[1]",))

@@ -16,8 +16,9 @@ A plain ASGI middleware (no ``BaseHTTPMiddleware``): every ``http`` scope runs i
 ``async with resilience.request()``, so the scope also closes when the app raises.
 ``websocket`` and other scopes pass through untouched: a connection lives far longer
 than a request deadline, so open ``async with resilience.request():`` per message there.
-On lifespan shutdown, once the app's own shutdown finished, the probe is stopped
-(``resilience.close()``) and the client closed (``await resilience.client.aclose()``).
+On lifespan shutdown, once the app's own shutdown finished, the background work is stopped
+(``resilience.close()``) and the client closed (``await resilience.client.aclose()``); the next
+lifespan's first request re-opens both, so a lifespan restart (two ``TestClient`` sessions) works.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class ResilienceMiddleware:
             (``"/health"``) or a Starlette route template (``"/items/{id:int}"``),
             matched against the path the router sees (without ``root_path``).
             ``None`` as a value means no deadline for that route.
-        close_on_shutdown: Close the probe and the client on lifespan shutdown.
+        close_on_shutdown: Stop the background work and close the client on lifespan
+            shutdown (both re-open at the next request).
     """
 
     def __init__(

@@ -782,6 +782,22 @@ class Journal:
         """Number of entries waiting to be replayed (dead letters excluded)."""
         return int(self._read("SELECT entries FROM totals WHERE id = 1")[0][0])
 
+    def wait_drained(self, timeout: float | None = None, *, poll: float = 0.05) -> bool:
+        """Block until no entry is pending (dead letters excluded); False if ``timeout`` passed first.
+
+        It only watches: the replayer drains the journal (ask it with ``res.replay_now()``;
+        it runs once the breaker is not open). Entries written meanwhile, by any process
+        sharing the journal, must drain too. From asyncio code, run it in a thread
+        (``await asyncio.to_thread(journal.wait_drained, 30)``): it sleeps between looks.
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.pending_count():
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            time.sleep(poll if left is None else min(poll, left))
+        return True
+
     def pending_bytes(self) -> int:
         """Bytes of keys and arguments waiting to be replayed (dead letters excluded)."""
         return int(self._read("SELECT bytes FROM totals WHERE id = 1")[0][0])

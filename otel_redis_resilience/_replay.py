@@ -14,13 +14,15 @@ key's previous entry in the batch and refuses to run until that marker exists.
 
 Limits: markers only protect the window between apply and acknowledgement (milliseconds, or until
 the next replay after a crash), so they must outlive it (``marker_ttl``) and must not be evicted
-(use a ``noeviction`` or ``volatile-*`` policy with memory to spare). A Redis that lost its data
-(restarted without persistence) lost the markers too, so entries applied but not yet acknowledged
-before that loss are applied again onto the emptied dataset. Redis Cluster is not supported: the
-marker and the written key generally live in different slots. Exactly-once holds even if two
-processes replay at the same time (an owner stalled past its lease); per-key order across batches
-relies on the lease, which lets only one process replay at a time. A lease whose holder died
-(a process of this host that no longer runs) is taken over at once rather than after it expires.
+(``maxmemory-policy noeviction``: markers carry a TTL, so ``volatile-*`` policies evict them
+first). A Redis that lost its data (restarted without persistence, or with an AOF that did not
+reach the disk: use ``appendfsync always``; a failover to a replica that lagged) lost the markers
+too, so entries applied but not yet acknowledged before that loss are applied again. Redis
+Cluster is not supported: the marker and the written key generally live in different slots.
+Exactly-once holds even if two processes replay at the same time (an owner stalled past its
+lease); per-key order across batches relies on the lease, which lets only one process replay at a
+time. A lease whose holder died (a process of this host that no longer runs) is taken over at once
+rather than after it expires.
 
 Decisions live in pure functions (:func:`plan_batch`, :func:`interpret_results` and a small
 sans-I/O step generator), shared by the sync and the asyncio drivers, which only do I/O.

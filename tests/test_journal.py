@@ -157,6 +157,19 @@ def test_pending_counters(journal: Journal) -> None:
     assert (journal.pending_count(), journal.pending_bytes()) == (0, 0)
 
 
+def test_wait_drained(journal: Journal) -> None:
+    assert journal.wait_drained(0)
+    ids = [journal.append(b"k", (b"INCR", b"k")) for _ in range(3)]
+    assert not journal.wait_drained(0.1)
+    journal.dead_letter(ids[0], "ERR dead letters do not count")
+    acker = threading.Timer(0.2, journal.ack, args=(ids[1:],))
+    acker.start()
+    t0 = time.monotonic()
+    assert journal.wait_drained(5)
+    assert 0.1 < time.monotonic() - t0 < 2
+    acker.join()
+
+
 def test_dead_letter(journal: Journal) -> None:
     bad = journal.append(b"s", (b"RPUSH", b"s", b"x"))
     good = journal.append(b"t", (b"SET", b"t", b"1"))

@@ -205,6 +205,17 @@ class AsyncConnectionHooks:
 
     _writer: Any
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Connections are often made inside an attempt (the pool creates them on
+        # checkout), where ``socket_timeout`` reads None. redis-py copies it at
+        # construction (``orig_socket_timeout``, restored after a maintenance
+        # event), and that copy must be the client's own value.
+        token = CURRENT_ATTEMPT.set(None)
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            CURRENT_ATTEMPT.reset(token)
+
     async def _connect(self) -> None:
         await super()._connect()  # type: ignore[misc]
         if self._writer is not None and not isinstance(self._writer, TrackingWriter):
@@ -258,6 +269,59 @@ def hooked_class(cls: type, *, is_async: bool, health_checks: bool) -> type:
     cache = _async_classes if is_async else _sync_classes
     found = cache.get((cls, hooks))
     if found is None:
-        found = type(f"Resilient{cls.__name__}", (hooks, cls), {"__module__": __name__})
+        namespace: dict[str, Any] = {"__module__": __name__}
+        if is_async:
+            namespace["socket_timeout"] = _attempt_socket_timeout(cls)
+        found = type(f"Resilient{cls.__name__}", (hooks, cls), namespace)
         cache[(cls, hooks)] = found
     return found
+
+
+def _attempt_socket_timeout(cls: type) -> property:
+    """An asyncio connection's ``socket_timeout``: the client's own, but None inside our attempts.
+
+    redis-py's asyncio reads and writes take their timeout from this attribute.
+    Inside an attempt the library bounds the whole attempt by cancelling it at
+    its deadline (``_async``'s watchdog), so redis-py's own timeouts must stay
+    out of the way there: its writes would go through ``asyncio.wait_for``
+    (an extra task per command, and on 3.11 it can swallow the cancellation,
+    CPython gh-86296), and a shorter per-read timeout would cut the attempt
+    short. Everywhere else (the client called directly, the probe, the replayer)
+    the connection keeps the client's ``socket_timeout``: wrapping a client must
+    not change how it behaves outside a handle. One context-variable read per
+    access, no system call.
+    """
+    stored: Any = None
+    for klass in cls.__mro__:
+        if "socket_timeout" in vars(klass):
+            stored = vars(klass)["socket_timeout"]
+            break
+    if stored is not None and hasattr(stored, "__get__") and hasattr(stored, "__set__"):
+        # redis-py keeps it in a __slots__ slot: the value stays there, so a connection
+        # whose class is swapped in place (a single-connection client) keeps its own.
+        slot_get = stored.__get__
+        slot_set = stored.__set__
+
+        def get_value(conn: Any) -> Any:
+            return slot_get(conn, type(conn))
+
+        def set_value(conn: Any, value: Any) -> None:
+            slot_set(conn, value)
+
+    else:
+        default = stored
+
+        def get_value(conn: Any) -> Any:
+            return conn.__dict__.get("socket_timeout", default)
+
+        def set_value(conn: Any, value: Any) -> None:
+            conn.__dict__["socket_timeout"] = value
+
+    current = CURRENT_ATTEMPT.get
+
+    def fget(conn: Any) -> Any:
+        if current() is not None:
+            return None
+        return get_value(conn)
+
+    return property(fget, set_value, doc="The client's socket_timeout; None inside a resilient attempt.")

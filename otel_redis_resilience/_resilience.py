@@ -68,10 +68,11 @@ class Resilience:
         client: A ``redis.Redis`` or ``redis.asyncio.Redis``. Its own retries
             are switched off (``max_attempts`` here is the single retry layer)
             and its connection class gets deadline and send-tracking hooks.
-            For an asyncio client ``socket_timeout`` is cleared: this library
-            bounds every attempt itself, by cancelling it at its deadline (one
-            watchdog timer per event loop), because redis-py's
-            ``asyncio.wait_for`` can swallow a cancellation on 3.11.
+            For an asyncio client, ``socket_timeout`` does not apply inside an
+            attempt: this library bounds every attempt itself, by cancelling it
+            at its deadline (one watchdog timer per event loop), because
+            redis-py's ``asyncio.wait_for`` can swallow a cancellation on 3.11.
+            The client called directly keeps its ``socket_timeout``.
         retry: How failed attempts are retried.
         breaker: When the breaker opens and how it recovers.
         deadline: Default total Redis time per request scope, in seconds
@@ -192,16 +193,15 @@ class Resilience:
         no_retry = Retry(NoBackoff(), 0)
         pool.connection_kwargs["retry"] = no_retry
         if self._is_async:
-            # Async attempts are bounded by cancellation (one watchdog timer per loop),
-            # not by redis-py's per-read timeout; with attempt_timeout=None the client's
-            # socket_timeout becomes that bound, so "None" still means "the client's".
-            # Kept on the pool: a second Resilience on the same client must find it too.
-            if not hasattr(pool, "_orr_socket_timeout"):
-                pool._orr_socket_timeout = pool.connection_kwargs.get("socket_timeout")
-            socket_timeout = pool._orr_socket_timeout
+            # Async attempts are bounded by cancellation (one watchdog timer per loop);
+            # inside them the hooked connection reads its socket_timeout as None, and
+            # everywhere else it keeps the client's (see _connection). So with
+            # attempt_timeout=None the client's socket_timeout becomes the attempt's
+            # bound, and "None" still means "the client's". The pool's kwargs are left
+            # as they are: a second Resilience on the same client finds the same value.
+            socket_timeout = pool.connection_kwargs.get("socket_timeout")
             if self._core.attempt_timeout is None and socket_timeout:
                 self._core.attempt_timeout = float(socket_timeout)
-            pool.connection_kwargs["socket_timeout"] = None
         checks = bool(pool.connection_kwargs.get("health_check_interval"))
         pool.connection_class = hooked_class(
             pool.connection_class, is_async=self._is_async, health_checks=checks
@@ -212,8 +212,12 @@ class Resilience:
         if conn is not None:
             conn.__class__ = hooked_class(type(conn), is_async=self._is_async, health_checks=checks)
             conn.retry = no_retry
-            if self._is_async:
-                conn.socket_timeout = None
+            # reset() forgot that the client holds this one; the asyncio pool's release()
+            # (client.aclose()) raises KeyError for a connection it does not know (the
+            # sync pool's ignores it).
+            in_use = getattr(pool, "_in_use_connections", None)
+            if self._is_async and in_use is not None:
+                in_use.add(conn)
 
     # -- public API ---------------------------------------------------------------
 

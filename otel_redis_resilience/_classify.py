@@ -53,6 +53,18 @@ ERROR_REPLIES: dict[str, ErrorKind] = {
     "NOPERM": ErrorKind.CALLER,
 }
 
+#: The error codes redis-server sends. Only these are believed when read from an
+#: error's text: a script's error reply or a pipeline's re-worded message can put
+#: anything there, a key or a value included.
+KNOWN_CODES = frozenset(
+    {
+        "ERR", "WRONGTYPE", "NOSCRIPT", "OOM", "EXECABORT", "LOADING", "BUSY", "BUSYKEY", "BUSYGROUP",
+        "NOGROUP", "READONLY", "NOAUTH", "WRONGPASS", "NOPERM", "NOPROTO", "MISCONF", "MASTERDOWN",
+        "NOREPLICAS", "CROSSSLOT", "CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK", "UNKILLABLE", "NOTBUSY",
+        "UNBLOCKED", "NOTSUPPORTED",
+    }
+)  # fmt: skip
+
 #: Kinds that say nothing against this Redis node.
 NOT_EVIDENCE = frozenset({ErrorKind.TRANSIENT, ErrorKind.WRITE_REFUSED, ErrorKind.POOL_EXHAUSTED})
 #: Kinds of error reply with which the server refused the command without running it.
@@ -66,16 +78,17 @@ def error_code(exc: BaseException) -> str | None:
     it in ``status_code``; for the others it is the first word of the message.
     """
     code = getattr(exc, "status_code", None)
-    if isinstance(code, str) and code:
+    if isinstance(code, str) and code in KNOWN_CODES:
         return code
     if isinstance(exc, rexc.ResponseError) and exc.args:
         text = str(exc.args[0])
-        # A pipeline's error is re-worded: "Command # 2 (...) of pipeline caused error: CODE ..."
-        marker = text.find("caused error: ")
+        # A pipeline's error is re-worded: "Command # 2 (<its args>) of pipeline caused
+        # error: CODE ..." (asyncio: "('CODE ...',)"); the args may hold that phrase too.
+        marker = text.rfind("caused error: ")
         if marker >= 0:
-            text = text[marker + 14 :]
+            text = text[marker + 14 :].lstrip("('\"")
         word = text.split(" ", 1)[0]
-        if word.isupper() and word.isalpha():
+        if word in KNOWN_CODES:
             return word
     return None
 

@@ -20,23 +20,13 @@ import types
 
 import redis.exceptions as rexc
 
+from ._classify import KNOWN_CODES
 from ._errors import RedisUnavailable
 
 # A server's error code: the first word of its reply, upper case (WRONGTYPE, NOSCRIPT...).
 _CODE = re.compile(r"[A-Z][A-Z0-9_]{1,31}\Z")
 _PIPELINE = re.compile(r"Command # (\d{1,9}) \(")
 _PIPELINE_SEP = ") of pipeline caused error: "
-
-# The codes redis-server sends. Inside a pipeline's re-worded message the code sits after
-# the command listing, where a value could mimic one, so only these are believed there.
-_KNOWN_CODES = frozenset(
-    {
-        "ERR", "WRONGTYPE", "NOSCRIPT", "OOM", "EXECABORT", "LOADING", "BUSY", "BUSYKEY", "BUSYGROUP",
-        "NOGROUP", "READONLY", "NOAUTH", "WRONGPASS", "NOPERM", "NOPROTO", "MISCONF", "MASTERDOWN",
-        "NOREPLICAS", "CROSSSLOT", "CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK", "UNKILLABLE", "NOTBUSY",
-        "UNBLOCKED", "NOTSUPPORTED",
-    }
-)  # fmt: skip
 
 # (how the server's text starts, what we say). The server's own words, cut before the
 # first place it would put an argument.
@@ -169,14 +159,15 @@ def _reply(exc: BaseException, text: str) -> tuple[str | None, str] | None:
         inner = text[cut + len(_PIPELINE_SEP) :].lstrip("('\"") if cut >= 0 else ""
         if code is None:
             word = inner.split(" ", 1)[0]
-            if word in _KNOWN_CODES:
+            if word in KNOWN_CODES:
                 code, inner = word, inner[len(word) + 1 :]
         elif inner.startswith(code + " "):
             inner = inner[len(code) + 1 :]
         return code, f"{head}: {_reply_text(code, inner)}" if code else head
     if code is None and isinstance(exc, rexc.ResponseError):
         word, _, rest = text.partition(" ")
-        if _CODE.match(word):
+        # A script's error_reply() can start with anything, a key included.
+        if word in KNOWN_CODES:
             code, text = word, rest
     if code is None:
         return None

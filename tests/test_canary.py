@@ -431,7 +431,8 @@ def test_the_canary_scan_itself_finds_a_leak() -> None:
     [
         # A script's error reply is free text: nothing of it but the code is believed.
         (lambda p: p.eval("return redis.error_reply(ARGV[1])", 0, f"ERR key {CANARY_KEY} not found"), "ERR"),
-        (lambda p: p.eval("return redis.error_reply(ARGV[1])", 0, f"MYCODE {CANARY_VALUE}"), "MYCODE"),
+        # A code the server never sends is the script's text too, and may be a key: dropped.
+        (lambda p: p.eval("return redis.error_reply(ARGV[1])", 0, f"MYCODE {CANARY_VALUE}"), ""),
         # A value shaped like redis-py's pipeline wording, echoed back by the server.
         (
             lambda p: p.execute_command(
@@ -453,7 +454,7 @@ def test_crafted_error_text(
             else:
                 raises_with_canary(redis.ResponseError, lambda: build(_Direct(r)))
         assert_clean(cap, tel, r)
-        assert only_exception(tel)["exception.message"] == expected
+        assert only_exception(tel).get("exception.message", "") == expected
     finally:
         r.close()
 

@@ -176,11 +176,13 @@ class SyncHealthCheckHooks(SyncConnectionHooks):
 class TrackingWriter:
     """Wraps an asyncio StreamWriter to note when the command's bytes are written."""
 
-    __slots__ = ("_writer", "quiet")
+    __slots__ = ("_writer", "quiet", "transport")
 
     def __init__(self, writer: Any) -> None:
         self._writer = writer
         self.quiet = False
+        # A slot, not __getattr__: the pool checkout asks it on every command.
+        self.transport = writer.transport
 
     def _mark(self) -> None:
         if not self.quiet:
@@ -200,9 +202,23 @@ class TrackingWriter:
         return getattr(self._writer, name)
 
 
+def _dead(reader: Any, writer: Any) -> bool:
+    """True if the server already closed or reset this connection, as far as the event loop has seen.
+
+    Attribute reads only, no system call: a closed connection is noticed by the
+    event loop while it sits idle in the pool (EOF for a FIN, a closing transport
+    for a reset).
+    """
+    if reader.at_eof():
+        return True
+    transport = writer.transport
+    return transport is not None and bool(transport.is_closing())
+
+
 class AsyncConnectionHooks:
     """Mixed in front of an asyncio redis-py connection class."""
 
+    _reader: Any
     _writer: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -215,6 +231,21 @@ class AsyncConnectionHooks:
             super().__init__(*args, **kwargs)
         finally:
             CURRENT_ATTEMPT.reset(token)
+
+    async def can_read(self) -> bool:
+        # The pool asks this on every checkout, before the command is written. redis-py
+        # 8.1's asyncio pool ignores the answer while maintenance notifications are on
+        # (the default), so an idle connection the server closed during an outage would
+        # carry the command and fail: a failed attempt counted against a healthy Redis,
+        # and for a command that never ran. Inside an attempt, replace such a connection
+        # first; the reconnect is part of the attempt, so its deadline bounds it (the
+        # watchdog cancels it) and the handshake does not mark the command sent.
+        # Outside an attempt, redis-py's behaviour is left as it is.
+        reader = self._reader
+        if reader is not None and _dead(reader, self._writer) and CURRENT_ATTEMPT.get() is not None:
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            await self.connect()  # type: ignore[attr-defined]
+        return await super().can_read()  # type: ignore[misc,no-any-return]
 
     async def _connect(self) -> None:
         await super()._connect()  # type: ignore[misc]

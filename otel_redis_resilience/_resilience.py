@@ -22,7 +22,7 @@ from redis.retry import Retry
 
 from . import _async, _sync
 from ._breaker import BreakerState
-from ._config import BreakerPolicy, RetryPolicy, validate_deadline
+from ._config import BreakerPolicy, RetryPolicy, validate_deadline, validate_request_deadline
 from ._connection import hooked_class
 from ._context import CURRENT_ATTEMPT, Attempt
 from ._engine import Core
@@ -72,7 +72,9 @@ class Resilience:
             attempt: this library bounds every attempt itself, by cancelling it
             at its deadline (one watchdog timer per event loop), because
             redis-py's ``asyncio.wait_for`` can swallow a cancellation on 3.11.
-            The client called directly keeps its ``socket_timeout``.
+            The client called directly keeps its ``socket_timeout``. An idle
+            pooled connection the server already closed is replaced before an
+            attempt writes on it, within the attempt's deadline.
         retry: How failed attempts are retried.
         breaker: When the breaker opens and how it recovers.
         deadline: Default total Redis time per request scope, in seconds
@@ -257,7 +259,7 @@ class Resilience:
             deadline: Total Redis time for this scope in seconds, attempts and
                 backoff included; defaults to the ``Resilience`` deadline.
         """
-        validate_deadline("request", deadline)
+        validate_request_deadline("request", deadline)
         return RequestContext(self, self._deadline if deadline is None else deadline)
 
     def handle(self, scope: RequestScope | None = None) -> Any:

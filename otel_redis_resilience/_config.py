@@ -221,6 +221,18 @@ class BreakerPolicy:
         _positive(o, "evidence_floor", self.evidence_floor)
 
 
+def validate_request_deadline(owner: str, value: float | None) -> float | None:
+    """Check a deadline given at run time (``request(deadline=...)``); no floor.
+
+    A request's deadline is often computed from what its HTTP budget has left,
+    so it may be tiny; it then gives up at once with ``deadline_exceeded``
+    instead of failing the request with a configuration error.
+    """
+    if value is not None:
+        _positive(owner, "deadline", value)
+    return value
+
+
 def validate_deadline(owner: str, value: float | None, *, field: str | None = "deadline") -> float | None:
     """Check a deadline in seconds (``None``: no deadline) and return it.
 

@@ -59,9 +59,9 @@ class RequestScope:
         For per-route deadlines set after the scope opened (a route decorator,
         a FastAPI dependency).
         """
-        from ._config import validate_deadline
+        from ._config import validate_request_deadline
 
-        validate_deadline("RequestScope.set_deadline", seconds)
+        validate_request_deadline("RequestScope.set_deadline", seconds)
         self.deadline_at = None if seconds is None else time.monotonic() + seconds
 
     def remaining(self, now: float) -> float | None:

@@ -14,6 +14,7 @@ from otel_redis_resilience import (
     ConfigurationError,
     LastKnownGoodPolicy,
     NoActiveRequest,
+    RedisUnavailable,
     Resilience,
     RetryPolicy,
     current_redis,
@@ -208,7 +209,7 @@ def test_wrong_resilience_arguments(clean_redis: RedisServer, kwargs: dict[str, 
     client.close()
 
 
-@pytest.mark.parametrize("deadline", ["0.5", -1, 0, 1e-9, float("nan"), True, [1]])
+@pytest.mark.parametrize("deadline", ["0.5", -1, 0, float("nan"), float("inf"), True, [1]])
 def test_wrong_request_deadlines(clean_redis: RedisServer, deadline: Any) -> None:
     client = redis.Redis(host=clean_redis.host, port=clean_redis.port)
     res = Resilience(client)
@@ -218,6 +219,19 @@ def test_wrong_request_deadlines(clean_redis: RedisServer, deadline: Any) -> Non
         scope = h._orr_scope
         with pytest.raises(ConfigurationError, match=r"RequestScope.set_deadline.deadline must be"):
             scope.set_deadline(deadline)
+    client.close()
+
+
+def test_a_tiny_request_deadline_gives_up_at_once_instead_of_failing_the_request(
+    clean_redis: RedisServer,
+) -> None:
+    # Run-time deadlines are often what the HTTP budget has left: no floor, just deadline_exceeded.
+    client = redis.Redis(host=clean_redis.host, port=clean_redis.port)
+    res = Resilience(client)
+    with res.request(deadline=1e-9) as h, pytest.raises(RedisUnavailable) as info:
+        h.get("k")
+    assert info.value.reason == "deadline_exceeded"
+    assert info.value.attempts == 0
     client.close()
 
 

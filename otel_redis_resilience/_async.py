@@ -188,7 +188,7 @@ class AsyncHandle(HandleBase, redis.asyncio.Redis):  # type: ignore[misc]  # red
         except RedisUnavailable as exc:
             if not may_journal_after(exc, name):
                 raise
-            journaled = await asyncio.to_thread(wb.append, key, args, exc.reason, self._orr_scope)
+            journaled = await asyncio.to_thread(wb.append, key, args, exc.reason, self._orr_scope, after=exc)
         wb.kick()
         return journaled
 

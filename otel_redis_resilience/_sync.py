@@ -108,7 +108,7 @@ class SyncHandle(HandleBase, redis.Redis):
         except RedisUnavailable as exc:
             if not may_journal_after(exc, name):
                 raise
-            journaled = wb.append(key, args, exc.reason, self._orr_scope)
+            journaled = wb.append(key, args, exc.reason, self._orr_scope, after=exc)
         wb.kick()
         return journaled
 

@@ -60,8 +60,8 @@ class Core:
         )
         self.random = random.Random()
         #: One attempt's bound before deadlines: ``retry.attempt_timeout``, or for an
-        #: asyncio client whose policy says None, the client's own socket_timeout (the
-        #: owner moves it here, since attempts are bounded by cancellation, not by it).
+        #: asyncio client whose policy says None, the client's own socket_timeout (set by
+        #: the owner: inside attempts redis-py's reads ignore it, the watchdog bounds them).
         self.attempt_timeout = retry.attempt_timeout
         #: Set by the owner: starts a background probe (thread or task).
         self.start_probe: Any = None

@@ -80,6 +80,9 @@ async def run_async(op: Operation, call: Callable[..., Awaitable[T]], *args: Any
     while True:
         attempt = Attempt(None)
         token = CURRENT_ATTEMPT.set(attempt)
+        if timeout is None:
+            # Nothing of ours bounds it: the client's socket_timeout does, as in redis-py.
+            timeout = op.core.client_timeout
         try:
             if timeout is None:
                 result = await call(*args, **kwargs)

@@ -63,6 +63,11 @@ class Core:
         #: asyncio client whose policy says None, the client's own socket_timeout (set by
         #: the owner: inside attempts redis-py's reads ignore it, the watchdog bounds them).
         self.attempt_timeout = retry.attempt_timeout
+        #: What bounds an attempt that has no bound of its own (no deadline, no
+        #: attempt_timeout, a block of 0): the asyncio client's socket_timeout, which
+        #: its reads ignore inside attempts. None for sync clients, whose sockets
+        #: keep it (DeadlineSocket).
+        self.client_timeout: float | None = None
         #: Set by the owner: starts a background probe (thread or task).
         self.start_probe: Any = None
         #: The last-known-good store, when enabled.

@@ -202,8 +202,10 @@ class Resilience:
             # bound, and "None" still means "the client's". The pool's kwargs are left
             # as they are: a second Resilience on the same client finds the same value.
             socket_timeout = pool.connection_kwargs.get("socket_timeout")
-            if self._core.attempt_timeout is None and socket_timeout:
-                self._core.attempt_timeout = float(socket_timeout)
+            if socket_timeout:
+                self._core.client_timeout = float(socket_timeout)
+                if self._core.attempt_timeout is None:
+                    self._core.attempt_timeout = float(socket_timeout)
         checks = bool(pool.connection_kwargs.get("health_check_interval"))
         pool.connection_class = hooked_class(
             pool.connection_class, is_async=self._is_async, health_checks=checks

@@ -237,3 +237,23 @@ def test_a_background_block_forever_timing_out_at_socket_timeout_is_not_evidence
     finally:
         res.close()
         client.close()
+
+
+async def test_an_async_background_block_forever_stops_at_socket_timeout_and_is_not_evidence(
+    redis_server: RedisServer,
+) -> None:
+    client = redis.asyncio.Redis(host=redis_server.host, port=redis_server.port, socket_timeout=0.2)
+    res = Resilience(client, breaker=BreakerPolicy(failure_threshold=2))
+    try:
+        h = res.handle()
+        for _ in range(5):
+            t0 = time.monotonic()
+            with pytest.raises(RedisUnavailable) as info:
+                await asyncio.wait_for(h.blpop(["idle-queue"], 0), 10)
+            assert time.monotonic() - t0 < 1.0  # the client's socket_timeout, as plain redis-py
+            assert info.value.outcome_unknown
+        assert res.breaker_state is BreakerState.CLOSED
+        assert await h.set("k", "v") is True
+    finally:
+        res.close()
+        await client.aclose()

@@ -254,6 +254,9 @@ _OPTIONS_FROM = {"SET": 3, "EXPIRE": 3, "PEXPIRE": 3, "GETEX": 2}
 # A relative expiry of 0 or less deletes the key: 1 the first time, 0 the second.
 _POSITIVE_SECOND_ARG = frozenset({"EXPIRE", "PEXPIRE"})
 
+# Commands whose second argument names the subcommand the table knows them by.
+_CONTAINERS = frozenset({"OBJECT", "CONFIG", "CLIENT", "MEMORY", "SCRIPT", "SLOWLOG", "FUNCTION"})
+
 _SCRIPT_COMMANDS = frozenset({"EVAL", "EVALSHA"})
 
 #: Commands that block server-side for a time given in their arguments.
@@ -316,6 +319,9 @@ def is_idempotent(
     if " " in name:
         # ``CONFIG GET`` style names: the first word alone may be a known read.
         return name.split(" ", 1)[0] in READ_COMMANDS
+    if name in _CONTAINERS and len(args) > 1 and isinstance(args[1], str | bytes):
+        # redis-py sends some subcommands as a second argument: ("OBJECT", "ENCODING", key).
+        return f"{name} {_as_bytes(args[1]).decode(errors='replace').upper()}" in RETRY_SAFE
     return False
 
 

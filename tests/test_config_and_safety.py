@@ -311,6 +311,9 @@ def test_wrapped_client_retries_are_switched_off(clean_redis: RedisServer) -> No
         (("EVALSHA", "abc", 0), False),
         (("SOMETHINGNEW", "k"), False),
         (("CONFIG GET", "maxmemory"), True),
+        (("OBJECT", "ENCODING", "k"), True),  # redis-py sends the subcommand as an argument
+        (("OBJECT", "HELP"), False),
+        (("CLIENT", "KILL", "ID", 1), False),
     ],
 )
 def test_command_safety_table(args: tuple[Any, ...], safe: bool) -> None:

@@ -392,6 +392,10 @@ class Journal:
         # connections of threads that ended (thread-per-request servers) do not pile up.
         self._connections: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
         self._connections_lock = threading.Lock()
+        # Operations running on some thread's connection: close() waits for them, since
+        # closing an SQLite connection another thread is using can crash the process.
+        self._active = 0
+        self._idle = threading.Condition(self._connections_lock)
         self._write_lock = threading.Lock()
         # The lease owner is per process and per Journal object, never inherited across fork.
         # It also names the process well enough for another process of this host to tell
@@ -638,10 +642,23 @@ class Journal:
     # ----------------------------------------------------------------- transactions
 
     @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        with self._idle:
+            if self._closed:
+                raise JournalError(f"journal {self._path} is closed")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._active -= 1
+                if not self._active:
+                    self._idle.notify_all()
+
+    @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction: in-process lock, then ``BEGIN IMMEDIATE`` across processes."""
-        self._check_open()
-        with self._write_lock:
+        with self._using(), self._write_lock:
             conn = self._conn()
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -661,23 +678,20 @@ class Journal:
                 raise self._wrap(exc, "commit") from exc
 
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
-        self._check_open()
-        try:
-            return self._conn().execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise self._wrap(exc, "read") from exc
+        with self._using():
+            try:
+                return self._conn().execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise self._wrap(exc, "read") from exc
 
     def _wrap(self, exc: sqlite3.Error, action: str) -> JournalError:
-        if isinstance(exc, sqlite3.DatabaseError) and exc.sqlite_errorname in (
+        # A ProgrammingError (a closed connection...) has no sqlite_errorname.
+        if isinstance(exc, sqlite3.DatabaseError) and getattr(exc, "sqlite_errorname", None) in (
             "SQLITE_CORRUPT",
             "SQLITE_NOTADB",
         ):
             return JournalCorruptError(self._path, f"{action} failed: {exc}")
         return JournalError(f"journal {self._path}: {action} failed: {exc}")
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise JournalError(f"journal {self._path} is closed")
 
     # ----------------------------------------------------------------- writes
 
@@ -895,8 +909,11 @@ class Journal:
             return
         with contextlib.suppress(JournalError):
             self.release_lease()
-        self._closed = True
-        with self._connections_lock:
+        with self._idle:
+            self._closed = True
+            # SQLite operations are bounded by busy_timeout; never close under a running one.
+            if not self._idle.wait_for(lambda: not self._active, timeout=self._config.busy_timeout + 5):
+                return  # still in use: leave the connections to the garbage collector
             connections, self._connections = self._connections, []
         for _, conn in connections:
             with contextlib.suppress(sqlite3.Error):

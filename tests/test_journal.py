@@ -710,3 +710,51 @@ def test_config_validation_names_the_field(tmp_path: Path, field: str, value: ob
 def test_config_validation_directory(directory: object) -> None:
     with pytest.raises(ConfigurationError, match=r"JournalConfig\.directory"):
         JournalConfig(directory)  # type: ignore[arg-type]
+
+
+def test_close_while_other_threads_read_and_write_never_crashes(jdir: Path) -> None:
+    """close() used to close SQLite connections other threads were using: a segfault.
+
+    The asyncio replayer reads ``pending_count`` in a worker thread while ``Resilience.close()``
+    closes the journal. Run in a child process, so a crash fails this test instead of the run.
+    """
+    script = textwrap.dedent(
+        f"""
+        import threading
+        from otel_redis_resilience._journal import Journal, JournalConfig, JournalError
+
+        for round in range(30):
+            j = Journal(JournalConfig({str(jdir)!r} + "/r" + str(round), fsync="off"))
+            stop = threading.Event()
+            errors = []
+
+            def work(n):
+                i = 0
+                while not stop.is_set():
+                    try:
+                        j.pending_count()
+                        if n % 2:
+                            j.append(b"k%d" % n, (b"SET", b"k%d" % n, i))
+                    except JournalError as e:
+                        if "closed" not in str(e):
+                            errors.append(repr(e))
+                        return
+                    i += 1
+
+            threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+            for t in threads:
+                t.start()
+            j.pending_count()
+            j.close()
+            stop.set()
+            for t in threads:
+                t.join(10)
+            assert not errors, errors
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "ok"

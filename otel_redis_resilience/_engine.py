@@ -345,15 +345,18 @@ class Operation:
 
     def _timeout_is_evidence(self, now: float) -> bool:
         """Whether a timed-out attempt says anything against Redis."""
+        # Judged by the time the attempt was allowed, not by when the timeout was
+        # noticed: a starved event loop notices late, and that is no evidence either.
+        floor = self.core.breaker_policy.evidence_floor
         block = self.attempt_block
+        given = self.given
         if block is None:
-            if self.given is None:
-                return True  # it had its whole attempt_timeout
-            block = 0.0
-        elif block == 0:
+            return given is None or given >= floor  # uncut: it had its whole attempt_timeout
+        if block == 0:
             return False  # blocking forever: waiting is what it was asked to do
+        allowed = given if given is not None else now - self.attempt_started
         # The time Redis had to answer beyond what the command asked it to wait.
-        return now - self.attempt_started - block >= self.core.breaker_policy.evidence_floor
+        return allowed - block >= floor
 
     def _read_only(self) -> bool:
         if self.pipeline is not None:

@@ -543,7 +543,8 @@ async def test_async_background_work_does_not_inherit_the_requests_trace(
         res.close()
         await client.aclose()
     assert pending == 0
-    assert state == "half_open"
+    # The probe left open; a successful replay is evidence too, and may then close it.
+    assert state in ("half_open", "closed")
     request_trace = request_span.get_span_context().trace_id
     replays = otel.spans("redis.resilience.writebehind.replay")
     assert replays

@@ -16,34 +16,24 @@ from ._events import (
 from ._fallback import LastKnownGoodPolicy
 from ._journal import JournalCorruptError, JournalError, JournalFullError
 from ._resilience import RequestContext, Resilience
-from ._safety import IDEMPOTENT_WRITES, READ_COMMANDS
+from ._safety import COMMAND_TABLE, IDEMPOTENT_WRITES, READ_COMMANDS, RETRY_SAFE, CommandSafety
 from ._scope import NoActiveRequest, RequestScope, ScopeClosedError, current_redis, current_scope
 from ._testing import is_testing, set_testing
 from ._writebehind import WRITE_BEHIND_COMMANDS, Journaled, WriteBehindConfig, WriteBehindError
 
 __version__ = "0.1.0"
 
-# Telemetry and tracebacks name the public path, not the private module.
-for _obj in (
-    RedisUnavailable,
-    ConfigurationError,
-    NoActiveRequest,
-    ScopeClosedError,
-    BreakerState,
-    Journaled,
-    JournalFullError,
-):
-    _obj.__module__ = __name__
-del _obj
-
 __all__ = [
+    "COMMAND_TABLE",
     "IDEMPOTENT_WRITES",
     "READ_COMMANDS",
+    "RETRY_SAFE",
     "WRITE_BEHIND_COMMANDS",
     "BreakerPolicy",
     "BreakerState",
     "BreakerTransitioned",
     "CallRejected",
+    "CommandSafety",
     "ConfigurationError",
     "Endpoint",
     "Event",
@@ -72,3 +62,10 @@ __all__ = [
     "set_testing",
     "validate_deadline",
 ]
+
+# Reprs, tracebacks, telemetry and pickles name the public path, not the private module.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) and _obj.__module__.startswith(__name__ + "."):
+        _obj.__module__ = __name__
+del _name, _obj

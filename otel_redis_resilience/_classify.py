@@ -93,6 +93,9 @@ def error_code(exc: BaseException) -> str | None:
     return None
 
 
+_MAXCLIENTS = "max number of clients reached"
+
+
 def classify(exc: BaseException) -> ErrorKind:
     """Sort an exception raised by one attempt."""
     if not isinstance(exc, Exception):
@@ -105,8 +108,10 @@ def classify(exc: BaseException) -> ErrorKind:
             return ERROR_REPLIES.get(code, ErrorKind.CALLER)
         return ErrorKind.NOT_SERVING if isinstance(exc, rexc.BusyLoadingError) else ErrorKind.CALLER
     if isinstance(exc, rexc.MaxConnectionsError) or (
-        isinstance(exc, rexc.ConnectionError) and str(exc).startswith("Too many connections")
+        isinstance(exc, rexc.ConnectionError)
+        and (str(exc).startswith("Too many connections") or _MAXCLIENTS in str(exc))
     ):
+        # The server's maxclients refuses new connections only; pooled ones still work.
         return ErrorKind.POOL_EXHAUSTED
     if isinstance(exc, rexc.TimeoutError | socket.timeout | TimeoutError):
         return ErrorKind.TIMEOUT

@@ -50,10 +50,11 @@ class DeadlineSocket:
         wanted = attempt.deadline - _monotonic()
         if wanted <= 0:
             raise TimeoutError("attempt deadline reached")
-        base = self._timeout
-        if base is not None and base < wanted:
-            # redis-py's own, shorter timeout (0 for a non-blocking peek) still holds.
-            wanted = base
+        if self._timeout == 0:
+            # redis-py's non-blocking peek stays non-blocking. Any other socket_timeout
+            # is replaced by the attempt's own bound, as on asyncio connections (the
+            # owner made it the attempt's bound when attempt_timeout is None).
+            wanted = 0
         applied = self._applied
         # settimeout() is a system call: skip it while the timeout in force is
         # close enough, at most _SLACK past the deadline and at most 10% short of it.
@@ -93,9 +94,7 @@ class DeadlineSocket:
             # socket call does not need a second system call to set it.
             attempt = CURRENT_ATTEMPT.get()
             if attempt is not None and attempt.deadline is not None:
-                remaining = max(attempt.deadline - _monotonic(), 0.0001)
-                if value is None or remaining < value:
-                    value = remaining
+                value = max(attempt.deadline - _monotonic(), 0.0001)
         self._applied = value
         self._sock.settimeout(value)
 

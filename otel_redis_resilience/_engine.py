@@ -21,7 +21,7 @@ from ._classify import NOT_EVIDENCE, REFUSED, ErrorKind, classify, error_code
 from ._config import BreakerPolicy, RetryPolicy
 from ._errors import RedisUnavailable, UnavailableReason
 from ._events import Endpoint
-from ._safety import COMMAND_TABLE, block_seconds, is_idempotent, with_block
+from ._safety import block_seconds, is_idempotent, is_read, relative_ttl, with_block
 from ._testing import is_testing
 
 if TYPE_CHECKING:
@@ -36,6 +36,12 @@ RERAISE = -1.0
 # An attempt needs at least this long to be worth starting; below it the
 # deadline is treated as spent rather than starting an attempt doomed to time out.
 _MIN_ATTEMPT = 0.002
+# How late Redis may answer a blocking command's timeout: it checks blocked
+# clients from its event loop, which sleeps up to 1/hz when idle (100 ms at the
+# default hz 10; measured: a 0.25 s block answered after 0.30 s).
+_SERVER_TIMER = 0.1
+# A TTL must outlive a retry by this much before the retry may be sent.
+_TTL_MARGIN = 0.5
 
 
 class Core:
@@ -167,6 +173,7 @@ class Operation:
         "core",
         "deadline_at",
         "given",
+        "maybe_applied",
         "name",
         "original_args",
         "permit",
@@ -211,6 +218,8 @@ class Operation:
         self.block = block_seconds(name, args) if pipeline is None and name and name[0] in "BXW" else None
         self.original_args = args
         self.attempt_block: float | None = None
+        #: An earlier attempt may have applied it: sticky, whatever ends the call later.
+        self.maybe_applied = False
 
     # -- attempts --------------------------------------------------------------
 
@@ -229,7 +238,7 @@ class Operation:
     def _permit(self, now: float, last: BaseException | None, *, first: bool) -> float | None:
         deadline_at = self.deadline_at
         if deadline_at is not None and deadline_at - now < _MIN_ATTEMPT:
-            raise self._give_up("deadline_exceeded", last, rejected=True)
+            raise self._give_up("deadline_exceeded", last, maybe_applied=self.maybe_applied, rejected=True)
         core = self.core
         breaker = core.breaker
         # One short critical section per attempt; never held across I/O.
@@ -242,7 +251,7 @@ class Operation:
             core.after_transitions(moved)
         if permit == REJECTED:
             core.maybe_probe()
-            raise self._give_up("breaker_open", last, rejected=True)
+            raise self._give_up("breaker_open", last, maybe_applied=self.maybe_applied, rejected=True)
         self.permit = permit
         self.attempts += 1
         self.attempt_started = now
@@ -255,11 +264,11 @@ class Operation:
                 # What it leaves for that reply to arrive is what a timeout must
                 # exceed to count as evidence (see _timeout_is_evidence).
                 remaining = deadline_at - now
-                room = remaining - max(core.breaker_policy.evidence_floor, remaining / 10)
+                room = remaining - max(core.breaker_policy.evidence_floor, remaining / 10) - _SERVER_TIMER
                 if block == 0 or block > room:
                     block = max(room, 0.001)
                     self.args = with_block(self.name, self.original_args, block)
-            timeout = None if block == 0 or timeout is None else timeout + block
+            timeout = None if block == 0 or timeout is None else timeout + block + _SERVER_TIMER
         self.attempt_block = block
         self.given = None
         if deadline_at is not None:
@@ -312,8 +321,9 @@ class Operation:
         )
         if maybe_applied and self._read_only():
             maybe_applied = False  # a read that may have run changed nothing
+        maybe_applied = self.maybe_applied = maybe_applied or self.maybe_applied
         # The reason names what happened, checked in a fixed order so timing cannot change it.
-        if maybe_applied and not self._idempotent():
+        if maybe_applied and not self._idempotent(now):
             raise self._give_up("unsafe_to_retry", exc, maybe_applied=True)
         if kind is ErrorKind.WRITE_REFUSED:
             raise self._give_up("write_refused", exc, maybe_applied=maybe_applied)
@@ -345,35 +355,50 @@ class Operation:
 
     def _timeout_is_evidence(self, now: float) -> bool:
         """Whether a timed-out attempt says anything against Redis."""
-        # Judged by the time the attempt was allowed, not by when the timeout was
-        # noticed: a starved event loop notices late, and that is no evidence either.
         floor = self.core.breaker_policy.evidence_floor
         block = self.attempt_block
         given = self.given
         if block is None:
+            # Judged by the time it was allowed, not by when the timeout was noticed:
+            # a starved event loop notices late, and that is no evidence either.
             return given is None or given >= floor  # uncut: it had its whole attempt_timeout
         if block == 0:
             return False  # blocking forever: waiting is what it was asked to do
-        allowed = given if given is not None else now - self.attempt_started
-        # The time Redis had to answer beyond what the command asked it to wait.
-        return allowed - block >= floor
+        # What ended it may be shorter than what it was allowed (a sync client's
+        # socket_timeout): only the time beyond its block, and beyond Redis's own
+        # timer, is time Redis had to answer.
+        elapsed = now - self.attempt_started
+        allowed = elapsed if given is None else min(given, elapsed)
+        return allowed - block >= floor + _SERVER_TIMER - 1e-6
 
     def _read_only(self) -> bool:
         if self.pipeline is not None:
-            return all(_is_read(_name(cmd)) for cmd, _ in self.pipeline)
-        return _is_read(self.name)
+            return all(is_read(_name(cmd), cmd) for cmd, _ in self.pipeline)
+        return is_read(self.name, self.args)
 
-    def _idempotent(self) -> bool:
-        policy = self.core.retry
+    def _idempotent(self, now: float) -> bool:
         if self.transaction:
             # Once MULTI ... EXEC may have reached the server it is never sent again.
             return False
         if self.pipeline is not None:
-            return all(
-                is_idempotent(_name(cmd), cmd, policy.idempotent_commands, policy.idempotent_scripts)
-                for cmd, _ in self.pipeline
-            )
-        return is_idempotent(self.name, self.args, policy.idempotent_commands, policy.idempotent_scripts)
+            return all(self._resendable(_name(cmd), cmd, now) for cmd, _ in self.pipeline)
+        return self._resendable(self.name, self.original_args, now)
+
+    def _resendable(self, name: str, args: Sequence[Any], now: float) -> bool:
+        policy = self.core.retry
+        if not is_idempotent(name, args, policy.idempotent_commands, policy.idempotent_scripts):
+            return False
+        ttl = relative_ttl(name, args)
+        if ttl is None:
+            return True
+        # The first run's TTL must still be running when the retry arrives, or the
+        # retry finds the key gone and answers 0 (EXPIRE k 1, GETEX k PX 150).
+        if self.deadline_at is not None:
+            horizon = self.deadline_at
+        else:
+            attempt = self.core.attempt_timeout or self.core.client_timeout or 5.0
+            horizon = now + policy.backoff_cap + attempt
+        return self.started + ttl > horizon + _TTL_MARGIN
 
     def _give_up(
         self,
@@ -406,11 +431,6 @@ class Operation:
             outcome = "failed"
         telemetry.finish(self, outcome, err, time.monotonic())
         return err
-
-
-def _is_read(name: str) -> bool:
-    info = COMMAND_TABLE.get(name)
-    return info is not None and info.read
 
 
 def _name(args: Sequence[Any]) -> str:

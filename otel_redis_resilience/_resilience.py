@@ -194,18 +194,17 @@ class Resilience:
         pool: Any = self.client.connection_pool
         no_retry = Retry(NoBackoff(), 0)
         pool.connection_kwargs["retry"] = no_retry
-        if self._is_async:
-            # Async attempts are bounded by cancellation (one watchdog timer per loop);
-            # inside them the hooked connection reads its socket_timeout as None, and
-            # everywhere else it keeps the client's (see _connection). So with
-            # attempt_timeout=None the client's socket_timeout becomes the attempt's
-            # bound, and "None" still means "the client's". The pool's kwargs are left
-            # as they are: a second Resilience on the same client finds the same value.
-            socket_timeout = pool.connection_kwargs.get("socket_timeout")
-            if socket_timeout:
-                self._core.client_timeout = float(socket_timeout)
-                if self._core.attempt_timeout is None:
-                    self._core.attempt_timeout = float(socket_timeout)
+        # Inside an attempt its own bound replaces the client's socket_timeout (sync:
+        # DeadlineSocket; asyncio: the watchdog, the hooked connection reading its
+        # socket_timeout as None); everywhere else the client keeps it (see
+        # _connection). So with attempt_timeout=None the client's socket_timeout
+        # becomes the attempt's bound, and "None" still means "the client's". The
+        # pool's kwargs are left as they are: a second Resilience finds the same value.
+        socket_timeout = pool.connection_kwargs.get("socket_timeout")
+        if socket_timeout:
+            self._core.client_timeout = float(socket_timeout)
+            if self._core.attempt_timeout is None:
+                self._core.attempt_timeout = float(socket_timeout)
         checks = bool(pool.connection_kwargs.get("health_check_interval"))
         pool.connection_class = hooked_class(
             pool.connection_class, is_async=self._is_async, health_checks=checks
@@ -303,8 +302,10 @@ class Resilience:
                 return
             self._closed = True
             self._generation += 1
-        if self._core.write_behind is not None:
-            self._core.write_behind.close()
+            # Taken under the lock: a concurrent re-open installs a fresh one, never ours to close.
+            wb = self._core.write_behind
+        if wb is not None:
+            wb.close()
         task, self._probe_task = self._probe_task, None
         self._probe_thread = None
         if task is not None and not task.done():

@@ -244,7 +244,8 @@ RETRY_SAFE: frozenset[str] = frozenset(name for name, info in COMMAND_TABLE.item
 # second run would report failure for a lock the first run took; EXPIRE NX/GT/LT
 # answer 0 the second time; GETEX EXAT/PXAT with a past time deletes the key.
 _UNSAFE_OPTIONS: dict[str, frozenset[bytes]] = {
-    "SET": frozenset({b"GET", b"NX"}),
+    # IFEQ/IFNE/IFDEQ/IFDNE (Redis 8.4): a compare-and-set that succeeded fails the second time.
+    "SET": frozenset({b"GET", b"NX", b"IFEQ", b"IFNE", b"IFDEQ", b"IFDNE"}),
     "EXPIRE": frozenset({b"NX", b"GT", b"LT"}),
     "PEXPIRE": frozenset({b"NX", b"GT", b"LT"}),
     "GETEX": frozenset({b"EXAT", b"PXAT"}),
@@ -319,10 +320,23 @@ def is_idempotent(
     if " " in name:
         # ``CONFIG GET`` style names: the first word alone may be a known read.
         return name.split(" ", 1)[0] in READ_COMMANDS
-    if name in _CONTAINERS and len(args) > 1 and isinstance(args[1], str | bytes):
-        # redis-py sends some subcommands as a second argument: ("OBJECT", "ENCODING", key).
-        return f"{name} {_as_bytes(args[1]).decode(errors='replace').upper()}" in RETRY_SAFE
+    if name in _CONTAINERS:
+        return table_name(name, args) in RETRY_SAFE
     return False
+
+
+def table_name(name: str, args: Sequence[Any]) -> str:
+    """The name the table knows a command by: redis-py sends some subcommands as a
+    second argument (``("OBJECT", "ENCODING", key)``), the table says ``OBJECT ENCODING``."""
+    if name in _CONTAINERS and len(args) > 1 and isinstance(args[1], str | bytes):
+        return f"{name} {_as_bytes(args[1]).decode(errors='replace').upper()}"
+    return name
+
+
+def is_read(name: str, args: Sequence[Any]) -> bool:
+    """Whether the command only reads (a run that may have happened changed nothing)."""
+    info = COMMAND_TABLE.get(name) or COMMAND_TABLE.get(table_name(name, args))
+    return info is not None and info.read
 
 
 def _positive_number(args: Sequence[Any], index: int) -> bool:
@@ -332,26 +346,40 @@ def _positive_number(args: Sequence[Any], index: int) -> bool:
         return False
 
 
+def _block_index(name: str, args: Sequence[Any]) -> int | None:
+    """Where a blocking command's block time is in ``args``, or None."""
+    if name in _BLOCK_LAST_SECONDS or name in _BLOCK_LAST_MILLIS:
+        return len(args) - 1
+    if name in _BLOCK_FIRST_SECONDS:
+        return 1
+    if name in _BLOCK_OPTION_MILLIS:
+        # Only among the options: a stream key, a group or a consumer may be named "block".
+        i = 4 if name == "XREADGROUP" else 1  # XREADGROUP GROUP <group> <consumer> ...
+        while i < len(args) - 1:
+            word = _as_bytes(args[i]).upper()
+            if word == b"BLOCK":
+                return i + 1
+            if word == b"STREAMS":
+                return None
+            i += 2 if word in (b"COUNT", b"CLAIM") else 1
+    return None
+
+
 def block_seconds(name: str, args: Sequence[Any]) -> float | None:
     """Seconds a blocking command may legitimately wait server-side.
 
     ``None`` for a command that does not block; ``0.0`` means "forever" (the
     attempt is then bounded by the deadline only).
     """
+    index = _block_index(name, args)
+    if index is None or index < 1:
+        return None
     try:
-        if name in _BLOCK_LAST_SECONDS:
-            return float(args[-1])
-        if name in _BLOCK_FIRST_SECONDS:
-            return float(args[1])
-        if name in _BLOCK_LAST_MILLIS:
-            return float(args[-1]) / 1000.0
-        if name in _BLOCK_OPTION_MILLIS:
-            for i in range(1, len(args) - 1):
-                if _as_bytes(args[i]).upper() == b"BLOCK":
-                    return float(args[i + 1]) / 1000.0
+        value = float(args[index])
     except (TypeError, ValueError, IndexError):
         return None
-    return None
+    millis = name in _BLOCK_LAST_MILLIS or name in _BLOCK_OPTION_MILLIS
+    return value / 1000.0 if millis else value
 
 
 def with_block(name: str, args: Sequence[Any], seconds: float) -> tuple[Any, ...]:
@@ -361,19 +389,38 @@ def with_block(name: str, args: Sequence[Any], seconds: float) -> tuple[Any, ...
     itself answers its timeout reply (nil) in time: the connection stays in sync
     and nothing popped is lost to a client-side timeout.
     """
+    index = _block_index(name, args)
     out = list(args)
-    if name in _BLOCK_LAST_SECONDS:
-        out[-1] = _seconds_text(seconds)
-    elif name in _BLOCK_FIRST_SECONDS:
-        out[1] = _seconds_text(seconds)
-    elif name in _BLOCK_LAST_MILLIS:
-        out[-1] = max(1, int(seconds * 1000))
-    elif name in _BLOCK_OPTION_MILLIS:
-        for i in range(1, len(out) - 1):
-            if _as_bytes(out[i]).upper() == b"BLOCK":
-                out[i + 1] = max(1, int(seconds * 1000))
-                break
+    if index is not None and index >= 1:
+        if name in _BLOCK_LAST_MILLIS or name in _BLOCK_OPTION_MILLIS:
+            out[index] = max(1, int(seconds * 1000))
+        else:
+            out[index] = _seconds_text(seconds)
     return tuple(out)
+
+
+def relative_ttl(name: str, args: Sequence[Any]) -> float | None:
+    """The time to live, in seconds, that a retry-safe write sets from now, or None.
+
+    A retry of ``EXPIRE k 1`` sent after the first run's second has passed finds
+    the key gone and answers 0: such a write is re-sent only while its TTL cannot
+    have run out (the engine compares it with the operation's age).
+    """
+    try:
+        if name == "EXPIRE":
+            return float(args[2])
+        if name == "PEXPIRE":
+            return float(args[2]) / 1000.0
+        if name == "GETEX":
+            for i in range(2, len(args) - 1):
+                word = _as_bytes(args[i]).upper()
+                if word == b"EX":
+                    return float(args[i + 1])
+                if word == b"PX":
+                    return float(args[i + 1]) / 1000.0
+    except (TypeError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _seconds_text(seconds: float) -> str:

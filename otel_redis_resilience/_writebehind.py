@@ -19,8 +19,6 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-import redis.exceptions as redis_exc
-
 from ._breaker import BreakerState
 from ._classify import ErrorKind, classify
 from ._context import CURRENT_ATTEMPT, Attempt
@@ -110,13 +108,15 @@ def may_journal_after(exc: RedisUnavailable, name: str) -> bool:
 def is_evidence(error: BaseException) -> bool:
     """Whether a failed replay run says Redis is unavailable (and so counts against the breaker).
 
-    Connection errors and timeouts (LOADING included: redis-py raises it as a connection error),
-    as for a request's attempt; not errors of the journal, a lost lease, an error reply the
+    The same kinds as for a request's attempt: connection errors, timeouts (redis-py's and the
+    asyncio batch deadline's builtin one) and the replies of a server that serves nothing
+    (LOADING, BUSY, MASTERDOWN); not errors of the journal, a lost lease, an error reply the
     breaker ignores (READONLY, OOM...), a full connection pool or a rejected password.
     """
-    if not isinstance(error, redis_exc.ConnectionError | redis_exc.TimeoutError):
-        return False
-    return classify(error) not in (ErrorKind.CALLER, ErrorKind.POOL_EXHAUSTED, ErrorKind.ABORTED)
+    return classify(error) in _EVIDENCE
+
+
+_EVIDENCE = frozenset({ErrorKind.TIMEOUT, ErrorKind.CONNECTION, ErrorKind.NOT_SERVING})
 
 
 # Sans-I/O steps of the replayer's loop (WriteBehind._loop); the sync and async drivers only wait,

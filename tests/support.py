@@ -97,6 +97,17 @@ class Runner:
             out = e
         return time.monotonic() - t0, out
 
+    def timed_kw(
+        self, method: str, *args: Any, deadline: float | None = None, **kw: Any
+    ) -> tuple[float, Any]:
+        """(seconds, result or exception) of one call with keyword arguments."""
+        t0 = time.monotonic()
+        try:
+            out: Any = self.call(method, *args, deadline=deadline, **kw)
+        except Exception as e:
+            out = e
+        return time.monotonic() - t0, out
+
     def sleep(self, seconds: float) -> None:
         """Let time pass (with the event loop running, so async probes run)."""
         if self.loop is None:

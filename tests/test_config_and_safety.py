@@ -20,7 +20,7 @@ from otel_redis_resilience import (
     current_redis,
     validate_deadline,
 )
-from otel_redis_resilience._safety import block_seconds, is_idempotent
+from otel_redis_resilience._safety import block_seconds, is_idempotent, with_block
 from tests.infra import RedisServer
 
 
@@ -311,6 +311,8 @@ def test_wrapped_client_retries_are_switched_off(clean_redis: RedisServer) -> No
         (("EVALSHA", "abc", 0), False),
         (("SOMETHINGNEW", "k"), False),
         (("CONFIG GET", "maxmemory"), True),
+        (("SET", "k", "v", "IFEQ", "old"), False),  # a compare-and-set that succeeded fails the 2nd time
+        (("SET", "k", "v", "IFDNE", "abcd"), False),
         (("OBJECT", "ENCODING", "k"), True),  # redis-py sends the subcommand as an argument
         (("OBJECT", "HELP"), False),
         (("CLIENT", "KILL", "ID", 1), False),
@@ -336,3 +338,29 @@ def test_blocking_commands_declare_their_block_time() -> None:
     assert block_seconds("XREAD", ("XREAD", "BLOCK", 1500, "STREAMS", "s", "$")) == 1.5
     assert block_seconds("WAIT", ("WAIT", 1, 200)) == 0.2
     assert block_seconds("GET", ("GET", "k")) is None
+
+
+@pytest.mark.parametrize(
+    ("args", "block"),
+    [
+        (("BLPOP", "a", "b", 5), 5.0),
+        (("BLMPOP", 2, 1, "q", "LEFT"), 2.0),
+        (("WAIT", 1, 1500), 1.5),
+        (("XREAD", "COUNT", 5, "BLOCK", 100, "STREAMS", "s", "0"), 0.1),
+        (("XREAD", "STREAMS", "block", "0"), None),  # a stream named "block"
+        (("XREAD", "COUNT", "BLOCK", "STREAMS", "s", "0"), None),  # "BLOCK" is COUNT's value here
+        (("XREADGROUP", "GROUP", "block", "0", "STREAMS", "s", ">"), None),  # group "block", consumer "0"
+        (("XREADGROUP", "GROUP", "g", "block", "BLOCK", 0, "STREAMS", "s", ">"), 0.0),
+        (("GET", "block"), None),
+    ],
+)
+def test_block_time_is_found_only_where_the_command_puts_it(
+    args: tuple[Any, ...], block: float | None
+) -> None:
+    assert block_seconds(str(args[0]), args) == block
+    if block is not None:
+        rewritten = with_block(str(args[0]), args, 0.25)
+        assert block_seconds(str(args[0]), rewritten) == 0.25
+        assert len(rewritten) == len(args)
+    else:
+        assert with_block(str(args[0]), args, 0.25) == args

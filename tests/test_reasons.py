@@ -144,3 +144,70 @@ def test_public_exceptions_print_and_pickle_with_the_public_path() -> None:
     err = RedisUnavailable("write_refused", operation="SET", attempts=1, error_code="READONLY")
     back = pickle.loads(pickle.dumps(err))
     assert (back.reason, back.error_code, str(back)) == ("write_refused", "READONLY", str(err))
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "kwargs", "single_run"),
+    [
+        ("pexpire", ("k", 150), {}, True),
+        ("getex", ("k",), {"px": 150}, b"v"),
+        ("expire", ("k", 1), {}, True),
+    ],
+    ids=["PEXPIRE", "GETEX-PX", "EXPIRE"],
+)
+def test_a_short_ttl_is_not_resent_once_it_may_have_run_out(
+    mode: str,
+    redis_server: RedisServer,
+    proxy: FaultProxy,
+    method: str,
+    args: tuple[object, ...],
+    kwargs: dict[str, object],
+    single_run: object,
+) -> None:
+    """The retry of EXPIRE k 1 sent after the first run's second found the key gone and answered 0."""
+    redis_server.client().set("k", "v")
+    run = Runner(mode, proxy.host, proxy.port, retry=RetryPolicy(attempt_timeout=0.2))
+    try:
+        run.call("ping", deadline=1.0)
+        proxy.set_mode("drop_replies", count=1)
+        _, out = run.timed_kw(method, *args, deadline=2.0, **kwargs)
+        if isinstance(out, RedisUnavailable):
+            assert out.outcome_unknown
+            assert out.reason == "unsafe_to_retry"
+        else:
+            assert out == single_run
+    finally:
+        proxy.set_mode("pass")
+        run.close()
+
+
+def test_an_earlier_attempt_that_may_have_applied_stays_outcome_unknown(
+    mode: str, redis_server: RedisServer, proxy: FaultProxy
+) -> None:
+    """A SET sent and timed out, then its retry rejected by the breaker: it may still have applied."""
+    holder: list[object] = []
+
+    def open_breaker_before_the_retry(event: object) -> None:
+        if isinstance(event, RetryScheduled):
+            holder[0].force_open()  # type: ignore[attr-defined]
+
+    run = Runner(
+        mode,
+        proxy.host,
+        proxy.port,
+        retry=RetryPolicy(attempt_timeout=0.1),
+        hooks=[open_breaker_before_the_retry],
+    )
+    holder.append(run.res)
+    try:
+        run.call("ping", deadline=1.0)
+        proxy.set_mode("drop_replies", count=1)
+        _, out = run.timed("set", "k", "v", deadline=2.0)
+        assert isinstance(out, RedisUnavailable), out
+        assert out.reason == "breaker_open"
+        assert out.attempts == 1
+        assert out.outcome_unknown
+    finally:
+        proxy.set_mode("pass")
+        run.close()
+    assert redis_server.client().get("k") == b"v"  # it did apply

@@ -1,6 +1,6 @@
 """Shared helpers for the benchmark scripts in ``bench/`` (not a benchmark itself).
 
-* :class:`RedisServer`: the tests' throw-away ``redis-server`` (``tests/infra``) on a free
+* :class:`RedisServer`: the tests' throw-away ``redis-server`` (``testbed``) on a free
   loopback port, persistence off, never leaked.
 * :func:`median`, :func:`p90`, :func:`table`: statistics and markdown output.
 * :func:`interleave`: the round-robin driver the micro-benchmarks share.
@@ -23,12 +23,9 @@ from typing import Any
 
 # The benchmarks run the tests' own redis-server launcher (persistence off, its own
 # temp dir, never leaked: atexit and ``setpriv --pdeathsig``); start() after kill()
-# brings it back on the same port.
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-from tests.infra.redis_server import RedisServer, find_free_port, redis_server_binary  # noqa: E402
+# brings it back on the same port. ``testbed`` is importable from the project's
+# virtualenv (the editable install puts the checkout on sys.path).
+from testbed.redis_server import RedisServer, find_free_port, redis_server_binary
 
 HOST = "127.0.0.1"
 

@@ -27,16 +27,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from otel_redis_resilience._journal import FsyncPolicy, Journal, JournalConfig
-from otel_redis_resilience._replay import replay_all_async, replay_all_sync
+from otel_redis_resilience._writebehind.replay import replay_all_async, replay_all_sync
+from otel_redis_resilience._writebehind.store import FsyncPolicy, Journal, JournalConfig
 
 POLICIES: tuple[FsyncPolicy, ...] = ("always", "normal", "off")
 N_KEYS = 100

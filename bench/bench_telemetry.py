@@ -365,9 +365,9 @@ def breakdown(ours: dict[str, Resilience], raw: redis.Redis, tp_instr: TracerPro
             rows.append([label, f"n/a ({type(exc).__name__})"])
 
     try:
-        from otel_redis_resilience._engine import Operation
+        from otel_redis_resilience._decide.operation import Operation
+        from otel_redis_resilience._drive.sync import run_sync
         from otel_redis_resilience._scope import RequestScope
-        from otel_redis_resilience._sync import run_sync
 
         args = ("GET", KEY)
         for label, res in ours.items():

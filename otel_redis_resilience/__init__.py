@@ -1,9 +1,11 @@
 """Keep web apps serving when Redis is slow, flapping or down; show every decision in OpenTelemetry."""
 
-from ._breaker import BreakerState, Transition
-from ._config import BreakerPolicy, RetryPolicy, validate_deadline
+from ._decide.breaker import BreakerState, Transition
+from ._decide.commands import COMMAND_TABLE, IDEMPOTENT_WRITES, READ_COMMANDS, RETRY_SAFE, CommandSafety
+from ._decide.config import BreakerPolicy, RetryPolicy, validate_deadline
 from ._errors import ConfigurationError, RedisUnavailable
-from ._events import (
+from ._fallback import LastKnownGoodPolicy
+from ._observe.events import (
     BreakerTransitioned,
     CallRejected,
     Endpoint,
@@ -13,13 +15,11 @@ from ._events import (
     OperationFinished,
     RetryScheduled,
 )
-from ._fallback import LastKnownGoodPolicy
-from ._journal import JournalCorruptError, JournalError, JournalFullError
 from ._resilience import RequestContext, Resilience
-from ._safety import COMMAND_TABLE, IDEMPOTENT_WRITES, READ_COMMANDS, RETRY_SAFE, CommandSafety
 from ._scope import NoActiveRequest, RequestScope, ScopeClosedError, current_redis, current_scope
 from ._testing import is_testing, set_testing
-from ._writebehind import WRITE_BEHIND_COMMANDS, Journaled, WriteBehindConfig, WriteBehindError
+from ._writebehind.store import JournalCorruptError, JournalError, JournalFullError
+from ._writebehind.writebehind import WRITE_BEHIND_COMMANDS, Journaled, WriteBehindConfig, WriteBehindError
 
 __version__ = "0.1.0"
 

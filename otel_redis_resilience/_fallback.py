@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import redis.exceptions as rexc
 
-from ._config import _int_at_least
+from ._decide.commands import READ_COMMANDS
+from ._decide.config import _int_at_least
 from ._errors import ConfigurationError, RedisUnavailable
-from ._safety import READ_COMMANDS
 from ._scope import current_scope
 
 if TYPE_CHECKING:
-    from ._telemetry import Telemetry
+    from ._observe.telemetry import Telemetry
 
 F = TypeVar("F", bound=Callable[..., Any])
 _MISSING: Any = object()

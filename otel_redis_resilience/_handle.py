@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._engine import Core, Operation
+from ._decide.operation import Core, Operation
 from ._errors import ConfigurationError
 from ._fallback import MISS, NORMAL, STALE, WRITE_BEHIND
 from ._scope import RequestScope, scope_closed_error

@@ -20,18 +20,19 @@ from opentelemetry import metrics, trace
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import _async, _sync
-from ._breaker import BreakerState
-from ._config import BreakerPolicy, RetryPolicy, validate_deadline, validate_request_deadline
-from ._connection import hooked_class
-from ._context import CURRENT_ATTEMPT, Attempt
-from ._engine import Core
+from ._decide.breaker import BreakerState
+from ._decide.config import BreakerPolicy, RetryPolicy, validate_deadline, validate_request_deadline
+from ._decide.operation import Core
+from ._drive import aio as _async
+from ._drive import sync as _sync
+from ._drive.connection import hooked_class
+from ._drive.context import CURRENT_ATTEMPT, Attempt
 from ._errors import ConfigurationError
-from ._events import Endpoint, Hook
 from ._fallback import _MISSING, LastKnownGood, LastKnownGoodPolicy, make_fallback_decorator
+from ._observe.events import Endpoint, Hook
+from ._observe.telemetry import Telemetry
 from ._scope import RequestScope, enter, leave
-from ._telemetry import Telemetry
-from ._writebehind import WriteBehind, WriteBehindConfig
+from ._writebehind.writebehind import WriteBehind, WriteBehindConfig
 
 logger = logging.getLogger("otel_redis_resilience")
 

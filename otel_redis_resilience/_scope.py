@@ -59,7 +59,7 @@ class RequestScope:
         For per-route deadlines set after the scope opened (a route decorator,
         a FastAPI dependency).
         """
-        from ._config import validate_request_deadline
+        from ._decide.config import validate_request_deadline
 
         validate_request_deadline("RequestScope.set_deadline", seconds)
         self.deadline_at = None if seconds is None else time.monotonic() + seconds

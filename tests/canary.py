@@ -235,7 +235,7 @@ def _install() -> None:
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
 
-    from otel_redis_resilience import _telemetry
+    from otel_redis_resilience._observe import telemetry as _telemetry
 
     tp_init = TracerProvider.__init__
 

@@ -2,7 +2,7 @@
 
 - ``redis_server``: a fresh server per test -- use it when the test kills, pauses,
   restarts or reconfigures the server.
-- ``proxy``: a :class:`~tests.infra.FaultProxy` in front of ``redis_server`` (mode
+- ``proxy``: a :class:`~testbed.FaultProxy` in front of ``redis_server`` (mode
   ``"pass"``); point the client under test at ``proxy.host`` / ``proxy.port``.
 - ``clean_redis``: the session-wide healthy server, emptied for this test.  Tests using
   it must not kill, pause or reconfigure it (use ``redis_server`` for that).
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.infra import FaultProxy, RedisServer, RedisServerError, redis_server_binary
+from testbed import FaultProxy, RedisServer, RedisServerError, redis_server_binary
 
 pytest_plugins = ["tests.canary"]
 

@@ -1,0 +1,1 @@
+"""Thin sync and asyncio drivers: the I/O, the sleeping, the connection hooks."""

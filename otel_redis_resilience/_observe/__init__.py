@@ -1,0 +1,1 @@
+"""Telemetry: the one place spans, events, metrics, logs and hook events leave from."""

@@ -1,0 +1,1 @@
+"""The durable write-behind journal and its exactly-once replay."""

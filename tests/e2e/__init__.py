@@ -1,0 +1,1 @@
+"""End-to-end tests: real HTTP servers, real outages, real Prometheus and OTLP receivers."""

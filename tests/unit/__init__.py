@@ -1,0 +1,1 @@
+"""Tests without Redis and without a clock: the decision floor, fed fake time."""

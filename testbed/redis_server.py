@@ -1,4 +1,4 @@
-"""A real, throw-away ``redis-server`` process for tests.
+"""A real, throw-away ``redis-server`` process for the tests, the benchmarks and the demo.
 
 Every test that needs Redis talks to a genuine ``redis-server`` (no in-memory fake, no mocks):
 the point of this library is surviving real network and server failures, and those only
@@ -26,7 +26,13 @@ from typing import Any, Self
 
 import redis
 
-__all__ = ["RedisServer", "RedisServerError", "find_free_port", "redis_server_binary"]
+__all__ = [
+    "RedisServer",
+    "RedisServerError",
+    "find_free_port",
+    "pdeathsig_prefix",
+    "redis_server_binary",
+]
 
 _INSTALL_HINT = "install it with: apt-get install redis-server"
 _FALLBACK_BINARY = "/usr/bin/redis-server"
@@ -80,8 +86,9 @@ def find_free_port(host: str = "127.0.0.1") -> int:
 # running after CI finishes:
 #  * atexit: stops every server still alive when the interpreter exits normally
 #    (including after a failed test or a KeyboardInterrupt).
-#  * PR_SET_PDEATHSIG (via util-linux ``setpriv``): the kernel SIGKILLs the server if the
-#    test process dies without running atexit (SIGKILL, OOM killer, CI timeout).
+#  * PR_SET_PDEATHSIG (via util-linux ``setpriv``, :func:`pdeathsig_prefix`): the kernel
+#    SIGKILLs the server if the test process dies without running atexit (SIGKILL, OOM
+#    killer, CI timeout).
 # ---------------------------------------------------------------------------------------
 _LIVE: set[RedisServer] = set()
 _LIVE_LOCK = threading.Lock()
@@ -99,22 +106,26 @@ def _kill_all_live() -> None:
 atexit.register(_kill_all_live)
 
 
-def _pdeathsig_prefix() -> list[str]:
-    """Command prefix that makes the kernel kill redis-server when we die, if possible.
+def pdeathsig_prefix(sig: str = "KILL") -> list[str]:
+    """Command prefix that makes the kernel send ``sig`` to a child when we die, if possible.
 
-    PDEATHSIG fires when the *thread* that forked the child exits, not the process, so it
-    is only safe when we are on the main thread (which lives as long as the process).
-    From other threads we rely on atexit alone.  ``setpriv`` execs redis-server, so the
-    pid we get back is redis-server's own pid.  We use setpriv rather than a
-    ``preexec_fn`` because preexec_fn is unsafe when other threads (e.g. a FaultProxy)
-    are running.
+    ``[setpriv, "--pdeathsig", sig, "--"]`` (util-linux), to put before a command given to
+    :class:`subprocess.Popen`: ``setpriv`` execs the command, so the pid Popen returns is
+    the command's own.  Empty when ``setpriv`` is missing, or when called from a thread other
+    than the main one: PDEATHSIG fires when the *thread* that forked the child exits, not
+    the process, so only the main thread (which lives as long as the process) is safe.  We
+    use setpriv rather than a ``preexec_fn`` because preexec_fn is unsafe when other
+    threads (e.g. a FaultProxy) are running.
+
+    ``"KILL"`` suits a redis-server; ``"TERM"`` lets a server (an app under uvicorn or
+    gunicorn) shut down cleanly.
     """
     if threading.current_thread() is not threading.main_thread():
         return []
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         return []
-    return [setpriv, "--pdeathsig", "KILL", "--"]
+    return [setpriv, "--pdeathsig", sig, "--"]
 
 
 def _proc_state(pid: int) -> str | None:
@@ -146,10 +157,11 @@ class RedisServer:
     the server genuinely slow, and ``hz`` is 100 so a graceful stop takes ~10 ms.
     ``extra_args`` are appended last, so they override these defaults.
 
-    Lifecycle: :meth:`start` (returns once the server answers PING), :meth:`stop`
-    (graceful, idempotent), :meth:`kill` (crash), :meth:`pause` / :meth:`resume`
-    (freeze / thaw with SIGSTOP / SIGCONT), :meth:`restart` (come back on the same port).
-    Usable as a context manager (start on enter, stop on exit).
+    Lifecycle: :meth:`start` (returns once the server answers PING; ``wait=False`` returns
+    at once, then poll :meth:`ready`), :meth:`stop` (graceful, idempotent), :meth:`kill`
+    (crash), :meth:`pause` / :meth:`resume` (freeze / thaw with SIGSTOP / SIGCONT),
+    :meth:`restart` (come back on the same port; :meth:`start` after :meth:`kill` does
+    too).  Usable as a context manager (start on enter, stop on exit).
 
     Clients handed out by :meth:`client` are closed by :meth:`stop`, so tests do not leak
     sockets.
@@ -218,13 +230,18 @@ class RedisServer:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> Self:
+    def start(self, *, wait: bool = True) -> Self:
         """Start the server and wait until it answers PING (at most ~10 s).
 
         With an auto-picked port, a port stolen by someone else makes us pick another
         one.  With a fixed port (explicit, or after the first start) we keep retrying the
         same port for a few seconds, which covers a previous instance that has not quite
         released it.
+
+        ``wait=False`` only launches the process and returns at once, for a caller that
+        must not block (an asyncio program) or that times the server's coming back: poll
+        :meth:`ready`.  There is no retry then: a port that cannot be bound surfaces as
+        :meth:`ready` raising.  The port counts as fixed from then on.
         """
         with self._lock:
             if self.running:
@@ -232,6 +249,10 @@ class RedisServer:
             if self._dir is None:
                 self._dir = Path(tempfile.mkdtemp(prefix=f"redis-test-{self._port}-"))
             try:
+                if not wait:
+                    self._launch()
+                    self._fixed_port = True
+                    return self
                 return self._start_with_retries()
             except BaseException:
                 # Also covers Ctrl-C mid-start: no half-started process is left behind, and
@@ -239,6 +260,22 @@ class RedisServer:
                 self._terminate(kill=True)
                 self._remove_dir()
                 raise
+
+    def ready(self) -> bool:
+        """True once the server answers PING (one try, at most 0.5 s); False while it starts.
+
+        For polling after ``start(wait=False)``.  Raises :class:`RedisServerError` with the
+        log tail if the process exited (e.g. it could not bind its port), or if it was never
+        started; its temp dir is kept, so :meth:`start` can try again.
+        """
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                raise RedisServerError(f"redis-server on port {self._port} was not started")
+            if proc.poll() is not None:
+                self._forget_process()
+                raise RedisServerError(self._exit_message(proc))
+        return _ping(self.host, self._port, timeout=0.5)
 
     def _start_with_retries(self) -> Self:
         bind_deadline = time.monotonic() + _BIND_RETRY_WINDOW
@@ -266,7 +303,7 @@ class RedisServer:
     def _command(self) -> list[str]:
         assert self._dir is not None
         return [
-            *_pdeathsig_prefix(),
+            *pdeathsig_prefix("KILL"),
             self._binary,
             "--port", str(self._port),
             "--bind", self.host,
@@ -282,9 +319,8 @@ class RedisServer:
             *self._extra_args,
         ]  # fmt: skip
 
-    def _launch_and_wait(self) -> str | None:
-        """Spawn redis-server and wait for PONG.  Returns None on success, else a reason:
-        ``"addr-in-use"`` (caller may retry) or a full error message."""
+    def _launch(self) -> subprocess.Popen[bytes]:
+        """Spawn redis-server (not waiting for it) and register it for leak protection."""
         assert self._dir is not None
         log = self._dir / "redis.log"
         # Truncate so "Address already in use" from a previous attempt is not re-read.
@@ -303,18 +339,25 @@ class RedisServer:
         self._paused = False
         with _LIVE_LOCK:
             _LIVE.add(self)
+        return proc
 
+    def _exit_message(self, proc: subprocess.Popen[bytes]) -> str:
+        return (
+            f"redis-server exited with code {proc.returncode} during startup "
+            f"(port {self._port})\n{self.log_tail()}"
+        )
+
+    def _launch_and_wait(self) -> str | None:
+        """Spawn redis-server and wait for PONG.  Returns None on success, else a reason:
+        ``"addr-in-use"`` (caller may retry) or a full error message."""
+        proc = self._launch()
         deadline = time.monotonic() + _START_TIMEOUT
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 self._forget_process()
-                tail = self.log_tail()
-                if "Address already in use" in tail:
+                if "Address already in use" in self.log_tail():
                     return "addr-in-use"
-                return (
-                    f"redis-server exited with code {proc.returncode} during startup "
-                    f"(port {self._port})\n{tail}"
-                )
+                return self._exit_message(proc)
             if _ping(self.host, self._port, timeout=0.5):
                 return None
             time.sleep(0.005)
@@ -365,19 +408,19 @@ class RedisServer:
             self._paused = False
             self._wait_state(proc.pid, stopped=False)
 
-    def restart(self) -> Self:
+    def restart(self, *, wait: bool = True) -> Self:
         """(Re)start the server on the same port; stops it first if it is running.
 
         Data is not preserved (no persistence).  Binding retries for a few seconds in
         case the port is not released yet; redis-server sets SO_REUSEADDR so sockets in
-        TIME_WAIT do not block it.
+        TIME_WAIT do not block it.  ``wait=False``: as for :meth:`start`.
         """
         with self._lock:
             if self.running:
                 self._close_clients()
                 self._terminate(kill=False)
             self._fixed_port = True
-            return self.start()
+            return self.start(wait=wait)
 
     # -- helpers for assertions --------------------------------------------------------
 

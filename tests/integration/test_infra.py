@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +24,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from testbed import FaultProxy, RedisServer, RedisServerError, redis_server_binary
+from testbed import FaultProxy, RedisServer, RedisServerError, pdeathsig_prefix, redis_server_binary
 from testbed import redis_server as redis_server_module
 
 TIMEOUT = 0.3
@@ -201,6 +205,118 @@ def test_fixed_port_in_use_fails_after_retrying(monkeypatch: pytest.MonkeyPatch)
         with pytest.raises(RedisServerError, match="address in use"):
             server.start()
         server.stop()
+
+
+def _poll_ready(server: RedisServer, timeout: float = 10.0) -> float:
+    """Poll ``server.ready()`` until True; the seconds it took."""
+    started = time.monotonic()
+    while not server.ready():
+        assert time.monotonic() - started < timeout, f"not ready in {timeout} s: {server.log_tail()}"
+        time.sleep(0.005)
+    return time.monotonic() - started
+
+
+def test_start_without_waiting_then_ready_and_again_after_kill(make_client: MakeClient) -> None:
+    server = RedisServer()
+    with pytest.raises(RedisServerError, match="not started"):
+        server.ready()
+    try:
+        server.start(wait=False)
+        assert server.running
+        _poll_ready(server)
+        port = server.port
+        assert make_client(port).ping()
+        assert server.log_path is not None
+        assert "Ready to accept connections" in server.log_path.read_text()
+
+        # The demo's outage: SIGKILL, then back on the same port without blocking.
+        old_pid = server.pid
+        server.kill()
+        assert server.log_path is not None  # kept across a kill
+        server.start(wait=False)
+        assert server.pid not in (None, old_pid)
+        _poll_ready(server)
+        assert server.port == port
+        assert make_client(port).ping()
+
+        server.restart(wait=False)
+        _poll_ready(server)
+        assert server.port == port
+    finally:
+        server.stop()
+    assert not server.running
+    assert server.log_path is None
+
+
+def test_ready_raises_when_the_server_died_starting() -> None:
+    server = RedisServer(extra_args=["--no-such-option", "x"])
+    try:
+        server.start(wait=False)
+        with pytest.raises(RedisServerError, match=r"(?s)exited with code .*no-such-option"):
+            _poll_ready(server)
+        assert not server.running
+    finally:
+        server.stop()
+
+
+def test_ready_raises_when_the_port_is_taken() -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        server = RedisServer(port=squatter.getsockname()[1])
+        try:
+            server.start(wait=False)  # no retry without waiting: ready() tells
+            with pytest.raises(RedisServerError, match=r"(?s)exited.*Address already in use"):
+                _poll_ready(server)
+        finally:
+            server.stop()
+
+
+def test_pdeathsig_prefix_main_thread_only() -> None:
+    prefix = pdeathsig_prefix("TERM")
+    if shutil.which("setpriv") is None:
+        assert prefix == []
+    else:
+        assert prefix[1:] == ["--pdeathsig", "TERM", "--"]
+    # PDEATHSIG follows the forking thread: from any other thread, no prefix.
+    seen: list[list[str]] = []
+    t = threading.Thread(target=lambda: seen.append(pdeathsig_prefix()))
+    t.start()
+    t.join()
+    assert seen == [[]]
+
+
+# The child prints once it runs: setpriv has set the parent-death signal and exec'd it by then
+# (a parent killed before that is a race setpriv does not cover).
+_ORPHAN = "import time; print('up', flush=True); time.sleep(60)"
+_ORPHAN_MAKER = f"""
+import subprocess, sys, time
+from testbed import pdeathsig_prefix
+print(subprocess.Popen([*pdeathsig_prefix("KILL"), sys.executable, "-c", {_ORPHAN!r}]).pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv")
+def test_pdeathsig_prefix_child_dies_with_its_parent() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", _ORPHAN_MAKER], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert parent.stdout.readline() == "up\n"
+        assert _pid_alive(child)
+        parent.kill()  # no atexit, no cleanup: only the kernel can stop the child now
+        parent.wait(5)
+        deadline = time.monotonic() + 5
+        while _pid_alive(child):
+            assert time.monotonic() < deadline, "the child outlived its parent"
+            time.sleep(0.01)
+    finally:
+        parent.kill()
+        parent.wait(5)
+        if child is not None and _pid_alive(child):
+            os.kill(child, signal.SIGKILL)
 
 
 def test_clean_redis_is_empty_with_fresh_stats(clean_redis: RedisServer) -> None:

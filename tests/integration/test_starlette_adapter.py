@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -22,6 +24,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
+from starlette.endpoints import HTTPEndpoint
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
@@ -194,8 +197,14 @@ async def test_route_deadlines(res: Resilience) -> None:
             )
         ],
     )
+    # Deprecated (the middleware asks the app's routes which one matches): still works, and warns
+    # when Starlette builds the middleware, i.e. at the app's first call.
     async with http(app) as c:
-        assert 0.5 < (await c.get("/default")).json()["left"] <= 0.6
+        with pytest.warns(
+            DeprecationWarning, match=r"route_deadlines=\.\.\.\) is deprecated.*@redis_deadline"
+        ):
+            first = await c.get("/default")
+        assert 0.5 < first.json()["left"] <= 0.6
         assert (await c.get("/health")).json()["left"] is None
         assert 0 < (await c.get("/items/7")).json()["left"] <= 0.1
         assert (await c.get("/items/x")).status_code == 404
@@ -214,6 +223,7 @@ async def test_deadline_applies_to_redis_calls(redis_server: RedisServer) -> Non
         res = Resilience(client)
         outcome: dict[str, Any] = {}
 
+        @redis_deadline(0.15)
         async def view(request: Request) -> PlainTextResponse:
             t0 = time.monotonic()
             try:
@@ -223,7 +233,7 @@ async def test_deadline_applies_to_redis_calls(redis_server: RedisServer) -> Non
             return PlainTextResponse("ok")
 
         app = Starlette(routes=[Route("/k", view)])
-        app.add_middleware(ResilienceMiddleware, resilience=res, deadline=5, route_deadlines={"/k": 0.15})
+        app.add_middleware(ResilienceMiddleware, resilience=res, deadline=5)
         try:
             async with http(app) as c:
                 await c.get("/k")
@@ -293,8 +303,9 @@ def connected_clients(server: RedisServer, name: str) -> int:
         return sum(1 for c in admin.client_list() if c.get("name") == name)
 
 
-async def test_lifespan_shutdown_closes_the_client_after_the_app_shutdown(clean_redis: RedisServer) -> None:
-    client = redis.asyncio.Redis(host=clean_redis.host, port=clean_redis.port, client_name="lifespan-test")
+async def run_lifespan(server: RedisServer, **options: Any) -> tuple[list[str], Resilience]:
+    """One lifespan (startup, shutdown) of an app whose own shutdown still uses Redis."""
+    client = redis.asyncio.Redis(host=server.host, port=server.port, client_name="lifespan-test")
     res = Resilience(client)
     events: list[str] = []
 
@@ -307,14 +318,16 @@ async def test_lifespan_shutdown_closes_the_client_after_the_app_shutdown(clean_
         async with res.request() as h:  # the client still works during the app's own shutdown
             events.append(f"shutdown ping {await h.ping()}")
 
-    app = Starlette(lifespan=lifespan, middleware=[Middleware(ResilienceMiddleware, resilience=res)])
+    app = Starlette(
+        lifespan=lifespan, middleware=[Middleware(ResilienceMiddleware, resilience=res, **options)]
+    )
     to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     from_app: list[str] = []
 
     async def send(message: dict[str, Any]) -> None:
         from_app.append(message["type"])
         if message["type"] == "lifespan.shutdown.complete":
-            events.append(f"complete, connected={connected_clients(clean_redis, 'lifespan-test')}")
+            events.append(f"complete, connected={connected_clients(server, 'lifespan-test')}")
 
     await to_app.put({"type": "lifespan.startup"})
     task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}}, to_app.get, send))
@@ -322,11 +335,124 @@ async def test_lifespan_shutdown_closes_the_client_after_the_app_shutdown(clean_
         if "lifespan.startup.complete" in from_app:
             break
         await asyncio.sleep(0.01)
-    assert connected_clients(clean_redis, "lifespan-test") == 1
+    assert connected_clients(server, "lifespan-test") == 1
     await to_app.put({"type": "lifespan.shutdown"})
     await asyncio.wait_for(task, 5)
     assert from_app == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    return events, res
+
+
+async def test_lifespan_shutdown_closes_the_client_after_the_app_shutdown(clean_redis: RedisServer) -> None:
+    events, res = await run_lifespan(clean_redis, close_client=True)  # asked for
     assert events == ["started", "shutdown ping True", "complete, connected=0"]
+    res.close()
+
+
+@pytest.mark.parametrize("close_on_shutdown", [True, False])
+async def test_lifespan_shutdown_leaves_the_client_open_by_default(
+    clean_redis: RedisServer, close_on_shutdown: bool
+) -> None:
+    """The client is the user's: closed only with close_client=True; res.close() is only background work."""
+    events, res = await run_lifespan(clean_redis, close_on_shutdown=close_on_shutdown)
+    try:
+        assert events == ["started", "shutdown ping True", "complete, connected=1"]
+        assert await res.client.ping() is True  # type: ignore[misc]
+        async with res.request() as h:  # and the Resilience works on (close() re-opens on use)
+            assert await h.ping() is True
+    finally:
+        res.close()
+        await res.client.aclose()  # type: ignore[union-attr]
+
+
+async def test_redis_deadline_decorator_on_plain_starlette(res: Resilience) -> None:
+    """@redis_deadline on the endpoint: Starlette routes, the endpoint sets its own deadline."""
+    threads: dict[str, int] = {}
+
+    @redis_deadline(0.1)
+    async def fast(request: Request) -> JSONResponse:
+        await request.state.redis.set("k", request.path_params["id"])
+        return JSONResponse({"left": left(), "id": request.path_params["id"]})
+
+    @redis_deadline(None)
+    def unbounded_sync(request: Request) -> JSONResponse:  # in the thread pool: the scope is found
+        threads["sync"] = threading.get_ident()
+        return JSONResponse({"left": left()})
+
+    @redis_deadline(0.2)
+    class ClassEndpoint(HTTPEndpoint):
+        async def get(self, request: Request) -> JSONResponse:
+            return JSONResponse({"left": left(), "name": type(self).__name__})
+
+    async def default(request: Request) -> JSONResponse:
+        return JSONResponse({"left": left()})
+
+    app = Starlette(
+        routes=[
+            Route("/items/{id:int}", fast),
+            Route("/unbounded", unbounded_sync),
+            Route("/class", ClassEndpoint),
+            Route("/default", default),
+        ],
+        middleware=[Middleware(ResilienceMiddleware, resilience=res, deadline=0.6)],
+    )
+    async with http(app) as c:
+        body = (await c.get("/items/7")).json()
+        assert 0 < body["left"] <= 0.1
+        assert body["id"] == 7
+        assert (await c.get("/unbounded")).json() == {"left": None}
+        body = (await c.get("/class")).json()
+        assert 0.1 < body["left"] <= 0.2
+        assert body["name"] == "ClassEndpoint"
+        assert 0.5 < (await c.get("/default")).json()["left"] <= 0.6
+    assert threads["sync"] != threading.get_ident()
+    assert await res.client.get("k") == b"7"  # type: ignore[misc]
+    # The decorator keeps the endpoint's name and kind; Starlette's routing is untouched.
+    assert fast.__name__ == "fast"
+    assert asyncio.iscoroutinefunction(fast)
+    assert not asyncio.iscoroutinefunction(unbounded_sync)
+    assert issubclass(ClassEndpoint, HTTPEndpoint)
+
+    bare = Starlette(routes=[Route("/items/{id:int}", fast)])  # no middleware: said so
+    async with http(bare) as c:
+        with pytest.raises(NoActiveRequest, match="ResilienceMiddleware"):
+            await c.get("/items/1")
+    with pytest.raises(ConfigurationError, match="decorates an endpoint"):
+        redis_deadline(0.1)(42)
+
+
+async def test_redis_deadline_decorator_on_fastapi_and_as_a_dependency(res: Resilience) -> None:
+    app = FastAPI()
+    app.add_middleware(ResilienceMiddleware, resilience=res, deadline=0.8)
+    per_router = redis_deadline(0.3)
+
+    @app.get("/items/{item_id}")
+    @redis_deadline(0.1)  # below the route decorator: FastAPI still sees the endpoint's parameters
+    async def item(item_id: int, r: Annotated[Any, Depends(get_redis)], q: str = "x") -> dict[str, Any]:
+        return {"left": left(), "item_id": item_id, "q": q, "same": r is current_redis()}
+
+    @app.get("/dep", dependencies=[Depends(per_router)])
+    async def dep() -> dict[str, Any]:
+        return {"left": left()}
+
+    async with http(app) as c:
+        body = (await c.get("/items/3", params={"q": "y"})).json()
+        assert 0 < body.pop("left") <= 0.1
+        assert body == {"item_id": 3, "q": "y", "same": True}
+        assert (await c.get("/items/nope")).status_code == 422  # validation still FastAPI's
+        assert 0.2 < (await c.get("/dep")).json()["left"] <= 0.3
+    # The dependency adds no parameter of its own to the API.
+    params = app.openapi()["paths"]["/dep"]["get"].get("parameters", [])
+    assert params == []
+
+
+def test_the_middleware_does_not_route() -> None:
+    """No route matching of our own: Starlette's router routes, the endpoint sets its deadline."""
+    import otel_redis_resilience_starlette as adapter
+
+    source = "\n".join(p.read_text() for p in Path(adapter.__file__).parent.glob("*.py"))
+    assert "compile_path" not in source
+    assert "re.compile" not in source
+    assert "import re\n" not in source
 
 
 async def test_middleware_configuration_errors(clean_redis: RedisServer) -> None:
@@ -412,8 +538,14 @@ def wait_for(predicate: Any, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-def write_app(framework: str, res: Resilience) -> Any:
-    """An app whose POST /w?v=... writes behind, as Starlette or as FastAPI."""
+def write_app(framework: str, res: Resilience, closer: str = "middleware") -> Any:
+    """An app whose POST /w?v=... writes behind, as Starlette or as FastAPI.
+
+    The client is closed at lifespan shutdown by ``closer``: the middleware when asked
+    (``close_client=True``) or the app's own lifespan (it owns the client). redis.asyncio's
+    connections belong to the event loop that opened them, and each TestClient session runs
+    its own loop.
+    """
 
     async def write(request: Request) -> JSONResponse:
         out = await request.state.redis.write_behind().set("k", request.query_params["v"])
@@ -426,27 +558,36 @@ def write_app(framework: str, res: Resilience) -> Any:
             return JSONResponse({"unavailable": e.reason})
         return JSONResponse({"value": None if value is None else value.decode()})
 
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        if closer == "app":
+            await res.client.aclose()  # type: ignore[union-attr]
+
+    options = {"resilience": res, "close_client": closer == "middleware"}
     if framework == "starlette":
         return Starlette(
             routes=[Route("/w", write, methods=["POST"]), Route("/r", read)],
-            middleware=[Middleware(ResilienceMiddleware, resilience=res)],
+            middleware=[Middleware(ResilienceMiddleware, **options)],
+            lifespan=lifespan,
         )
-    app = FastAPI()
-    app.add_middleware(ResilienceMiddleware, resilience=res)
+    app = FastAPI(lifespan=lifespan)
+    app.add_middleware(ResilienceMiddleware, **options)
     app.add_api_route("/w", write, methods=["POST"])
     app.add_api_route("/r", read)
     return app
 
 
+@pytest.mark.parametrize("closer", ["middleware", "app"])
 @pytest.mark.parametrize("framework", ["starlette", "fastapi"])
 def test_two_testclient_sessions_in_a_row_with_write_behind_and_an_outage(
-    clean_redis: RedisServer, framework: str
+    clean_redis: RedisServer, framework: str, closer: str
 ) -> None:
     """Every pytest suite does this: the lifespan shutdown of one session must not break the next."""
     client = redis.asyncio.Redis(host=clean_redis.host, port=clean_redis.port, socket_timeout=5.0)
     with tempfile.TemporaryDirectory() as d:
         res = Resilience(client, write_behind=WriteBehindConfig(d, fsync="off"))
-        app = write_app(framework, res)
+        app = write_app(framework, res, closer)
         for session in range(3):
             with TestClient(app, raise_server_exceptions=False) as c:
                 resp = c.post("/w", params={"v": f"direct-{session}"})
@@ -496,6 +637,7 @@ def test_probe_runs_again_in_the_next_lifespan(redis_server: RedisServer, framew
         ),
         ({"route_deadlines": {5: 0.1}}, r"keys must be paths starting with '/'.*got 5"),
         ({"close_on_shutdown": "no"}, r"close_on_shutdown must be True or False, got 'no'"),
+        ({"close_client": 1}, r"close_client must be True or False, got 1"),
         ({"resilience": "redis://localhost"}, r"needs resilience=Resilience\(redis.asyncio.Redis"),
     ],
 )

@@ -3,33 +3,34 @@
 .. code-block:: python
 
     res = Resilience(redis.asyncio.Redis.from_url(url))
-    app = Starlette(routes=..., middleware=[Middleware(ResilienceMiddleware, resilience=res)])
 
+    @redis_deadline(0.2)                                   # optional, per endpoint
     async def item(request):
-        value = await request.state.redis.get("k")        # or current_redis()
+        value = await request.state.redis.get("k")         # or current_redis()
 
-    # FastAPI
+    app = Starlette(routes=[Route("/items/{id:int}", item)],
+                    middleware=[Middleware(ResilienceMiddleware, resilience=res)])
+
+    # FastAPI: the same decorator under @app.get, or the dependency
     @app.get("/items/{item_id}", dependencies=[Depends(redis_deadline(0.2))])
     async def item(item_id: int, redis=Depends(get_redis)): ...
 
-A plain ASGI middleware (no ``BaseHTTPMiddleware``): every ``http`` scope runs inside
-``async with resilience.request()``, so the scope also closes when the app raises.
-``websocket`` and other scopes pass through untouched: a connection lives far longer
-than a request deadline, so open ``async with resilience.request():`` per message there.
-On lifespan shutdown, once the app's own shutdown finished, the background work is stopped
-(``resilience.close()``) and the client closed (``await resilience.client.aclose()``); the next
-lifespan's first request re-opens both, so a lifespan restart (two ``TestClient`` sessions) works.
+A plain ASGI middleware: each ``http`` scope runs inside ``async with resilience.request()``
+with the handle on ``request.state.redis``; other scopes pass through. Lifespan shutdown:
+``resilience.close()``, and the client is closed only with ``close_client=True`` (it is yours).
+Routing stays Starlette's: the endpoint sets its own deadline (``@redis_deadline``).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
-import re
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Any
+from typing import Any, TypeVar, overload
 
+from starlette.endpoints import HTTPEndpoint
 from starlette.requests import HTTPConnection
-from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from otel_redis_resilience import (
@@ -40,14 +41,22 @@ from otel_redis_resilience import (
     validate_deadline,
 )
 
-__all__ = ["SCOPE_KEY", "ResilienceMiddleware", "get_redis", "redis_deadline"]
+from ._route_deadlines import apply_route_deadline, check_route_deadlines
+
+__all__ = ["SCOPE_KEY", "ResilienceMiddleware", "RouteDeadline", "get_redis", "redis_deadline"]
 __version__ = "0.1.0"
 
 #: Key of the handle in the ASGI scope (it is also ``scope["state"]["redis"]``).
 SCOPE_KEY = "otel_redis_resilience.redis"
-_UNSET: Any = object()
 logger = logging.getLogger("otel_redis_resilience")
 _SHUTDOWN_DONE = frozenset({"lifespan.shutdown.complete", "lifespan.shutdown.failed"})
+E = TypeVar("E")
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"ResilienceMiddleware.{name} must be True or False, got {value!r}")
+    return value
 
 
 class ResilienceMiddleware:
@@ -58,12 +67,13 @@ class ResilienceMiddleware:
         resilience: The shared :class:`~otel_redis_resilience.Resilience` of a
             ``redis.asyncio.Redis``.
         deadline: Redis time per request, in seconds (``None``: the Resilience's own).
-        route_deadlines: Per-route deadlines, ``{path: seconds}``; a path is exact
-            (``"/health"``) or a Starlette route template (``"/items/{id:int}"``),
-            matched against the path the router sees (without ``root_path``).
-            ``None`` as a value means no deadline for that route.
-        close_on_shutdown: Stop the background work and close the client on lifespan
-            shutdown (both re-open at the next request).
+            Per route: :func:`redis_deadline`.
+        close_on_shutdown: Call ``resilience.close()`` at lifespan shutdown (it
+            re-opens at the next request).
+        close_client: Also ``await resilience.client.aclose()`` at lifespan shutdown.
+            Off by default: the client is yours.
+        route_deadlines: Deprecated, use :func:`redis_deadline`. ``{route path: seconds}``
+            with the paths as declared on the app's top-level routes.
     """
 
     def __init__(
@@ -72,83 +82,120 @@ class ResilienceMiddleware:
         *,
         resilience: Resilience,
         deadline: float | None = 0.5,
-        route_deadlines: Mapping[str, float | None] | None = None,
         close_on_shutdown: bool = True,
+        close_client: bool = False,
+        route_deadlines: Mapping[str, float | None] | None = None,
     ) -> None:
         if not isinstance(resilience, Resilience) or not resilience.is_async:
             raise ConfigurationError(
                 "ResilienceMiddleware needs resilience=Resilience(redis.asyncio.Redis(...)), "
                 f"got {resilience!r}"
             )
-        validate_deadline("ResilienceMiddleware", deadline)
-        if not isinstance(close_on_shutdown, bool):
-            raise ConfigurationError(
-                f"ResilienceMiddleware.close_on_shutdown must be True or False, got {close_on_shutdown!r}"
-            )
-        if route_deadlines is not None and not isinstance(route_deadlines, Mapping):
-            raise ConfigurationError(
-                "ResilienceMiddleware.route_deadlines must be a mapping {path: seconds}, "
-                f"got {route_deadlines!r}"
-            )
         self.app = app
         self.resilience = resilience
-        self.deadline = deadline
-        self.close_on_shutdown = close_on_shutdown
-        self._exact: dict[str, float | None] = {}
-        self._templates: list[tuple[re.Pattern[str], float | None]] = []
-        for path, seconds in (route_deadlines or {}).items():
-            if not isinstance(path, str) or not path.startswith("/"):
-                raise ConfigurationError(
-                    "ResilienceMiddleware.route_deadlines keys must be paths starting with '/' "
-                    f"(as the router sees them), got {path!r}"
-                )
-            validate_deadline(f"ResilienceMiddleware route_deadlines[{path!r}]", seconds)
-            if "{" in path:
-                self._templates.append((compile_path(path)[0], seconds))
-            else:
-                self._exact[path] = seconds
+        self.deadline = validate_deadline("ResilienceMiddleware", deadline)
+        self.close_on_shutdown = _flag("close_on_shutdown", close_on_shutdown)
+        self.close_client = _flag("close_client", close_client)
+        self.route_deadlines = check_route_deadlines(route_deadlines)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             ctx = self.resilience.request(deadline=self.deadline)
             async with ctx as handle:
-                if self._exact or self._templates:
-                    seconds = self._route_deadline(scope)
-                    if seconds is not _UNSET:
-                        ctx.scope.set_deadline(seconds)  # type: ignore[union-attr]
+                if self.route_deadlines:
+                    apply_route_deadline(scope, self.route_deadlines, ctx.scope)
                 # A new dict: servers copy the lifespan state per request, but none must share ours.
                 scope["state"] = {**scope.get("state", {}), "redis": handle}
                 scope[SCOPE_KEY] = handle
                 await self.app(scope, receive, send)
-        elif kind == "lifespan" and self.close_on_shutdown:
+        elif kind == "lifespan" and (self.close_on_shutdown or self.close_client):
             await self.app(scope, receive, self._closing_send(send))
         else:
             await self.app(scope, receive, send)
 
-    def _route_deadline(self, scope: Scope) -> Any:
-        path: str = scope["path"]
-        root: str = scope.get("root_path", "")
-        if root and path.startswith(root + "/"):
-            path = path[len(root) :]
-        if path in self._exact:
-            return self._exact[path]
-        for regex, seconds in self._templates:
-            if regex.match(path):
-                return seconds
-        return _UNSET
-
     def _closing_send(self, send: Send) -> Send:
         async def closing_send(message: Message) -> None:
-            if message["type"] in _SHUTDOWN_DONE:
+            if message["type"] in _SHUTDOWN_DONE:  # the app's own shutdown has run
                 try:
-                    self.resilience.close()
-                    await self.resilience.client.aclose()  # type: ignore[union-attr]
+                    if self.close_on_shutdown:
+                        self.resilience.close()
+                    if self.close_client:
+                        await self.resilience.client.aclose()  # type: ignore[union-attr]
                 except Exception:  # the server must still hear that shutdown finished
-                    logger.exception("closing the Redis client at lifespan shutdown failed")
+                    logger.exception("closing at lifespan shutdown failed")
             await send(message)
 
         return closing_send
+
+
+class RouteDeadline:
+    """What :func:`redis_deadline` returns: a FastAPI dependency and an endpoint decorator."""
+
+    __slots__ = ("__wrapped__", "seconds")
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = validate_deadline("redis_deadline", seconds)
+        # FastAPI reads a dependency's signature and kind through __wrapped__: no
+        # parameters, awaited on the event loop.
+        self.__wrapped__ = self._apply_async
+
+    def apply(self) -> None:
+        """Set the current request scope's deadline to ``seconds`` from now."""
+        scope = current_scope()
+        if scope is None:
+            raise NoActiveRequest("redis_deadline() needs ResilienceMiddleware on the app")
+        scope.set_deadline(self.seconds)
+
+    async def _apply_async(self) -> None:
+        self.apply()
+
+    @overload
+    def __call__(self) -> Coroutine[Any, Any, None]: ...
+    @overload
+    def __call__(self, endpoint: E) -> E: ...
+    def __call__(self, endpoint: Any = None) -> Any:
+        if endpoint is None:  # called by FastAPI as a dependency
+            return self._apply_async()
+        if isinstance(endpoint, type) and issubclass(endpoint, HTTPEndpoint):
+            apply, base = self.apply, endpoint
+
+            async def dispatch(self: HTTPEndpoint) -> None:
+                apply()
+                await base.dispatch(self)
+
+            return type(base.__name__, (base,), {"dispatch": dispatch, "__module__": base.__module__})
+        if not callable(endpoint):
+            raise ConfigurationError(f"@redis_deadline decorates an endpoint, got {endpoint!r}")
+        return _wrap(endpoint, self.apply)
+
+
+def _wrap(endpoint: Callable[..., Any], apply: Callable[[], None]) -> Callable[..., Any]:
+    if inspect.iscoroutinefunction(endpoint):
+
+        @functools.wraps(endpoint)
+        async def async_endpoint(*args: Any, **kwargs: Any) -> Any:
+            apply()
+            return await endpoint(*args, **kwargs)
+
+        return async_endpoint
+
+    @functools.wraps(endpoint)
+    def sync_endpoint(*args: Any, **kwargs: Any) -> Any:  # in the thread pool, context copied
+        apply()
+        return endpoint(*args, **kwargs)
+
+    return sync_endpoint
+
+
+def redis_deadline(seconds: float | None) -> RouteDeadline:
+    """This route's Redis deadline, ``seconds`` from when its endpoint starts (``None``: none).
+
+    - ``@redis_deadline(0.2)`` on a Starlette endpoint (function or ``HTTPEndpoint``
+      class), or on a FastAPI endpoint below ``@app.get(...)``;
+    - ``dependencies=[Depends(redis_deadline(0.2))]`` on a FastAPI route or router.
+    """
+    return RouteDeadline(seconds)
 
 
 async def get_redis(conn: HTTPConnection) -> Any:
@@ -161,19 +208,3 @@ async def get_redis(conn: HTTPConnection) -> Any:
     if handle is None:
         raise NoActiveRequest("no Redis handle on this request: add ResilienceMiddleware to the app")
     return handle
-
-
-def redis_deadline(seconds: float | None) -> Callable[[], Coroutine[Any, Any, None]]:
-    """FastAPI dependency factory setting this route's Redis deadline, from now.
-
-    ``@app.get("/x", dependencies=[Depends(redis_deadline(0.2))])``; ``None``: no deadline.
-    """
-    validate_deadline("redis_deadline", seconds)
-
-    async def apply_redis_deadline() -> None:
-        scope = current_scope()
-        if scope is None:
-            raise NoActiveRequest("redis_deadline() needs ResilienceMiddleware on the app")
-        scope.set_deadline(seconds)
-
-    return apply_redis_deadline

@@ -1,16 +1,22 @@
 """Shared helpers for the benchmark scripts in ``bench/`` (not a benchmark itself).
 
-* :class:`RedisServer`: the tests' throw-away ``redis-server`` (``testbed``) on a free
-  loopback port, persistence off, never leaked.
+* :class:`RedisServer`, :class:`FaultProxy`, :func:`find_free_port`: the tests' own
+  ``testbed`` (a throw-away ``redis-server`` on a free loopback port, persistence off, never
+  leaked; a fault-injecting TCP proxy), re-exported.
 * :func:`median`, :func:`p90`, :func:`table`: statistics and markdown output.
 * :func:`interleave`: the round-robin driver the micro-benchmarks share.
 
-The scripts run as ``python bench/NAME.py``, which puts ``bench/`` on ``sys.path``, so
-they import this module as ``_harness``.
+The scripts run as ``.venv/bin/python bench/NAME.py``, which puts ``bench/`` on
+``sys.path``, so they import this module as ``_harness``, first of all their imports:
+outside the project's virtualenv (where ``redis``, ``testbed`` and the library cannot be
+imported) it exits with a message saying so instead of an ``ImportError`` traceback.
+``testbed`` and the library come from the virtualenv's editable install, which puts the
+checkout on ``sys.path``: nothing here patches ``sys.path``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import statistics
 import subprocess
@@ -21,15 +27,41 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parent.parent
+#: What only the project's virtualenv has (``scripts/bootstrap`` makes it).
+_NEEDED = ("redis", "testbed", "otel_redis_resilience")
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it is below it, else absolute."""
+    path = Path(os.path.abspath(path))  # not resolve(): .venv/bin/python is a symlink
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _require_project_venv() -> None:
+    """Exit with a clear message when the project's packages cannot be imported."""
+    missing = [name for name in _NEEDED if importlib.util.find_spec(name) is None]
+    if not missing:
+        return
+    script = _shown(Path(sys.argv[0])) if sys.argv and sys.argv[0] else "bench/NAME.py"
+    python = _shown(REPO / ".venv" / "bin" / "python")
+    bootstrap = _shown(REPO / "scripts" / "bootstrap")
+    sys.exit(
+        f"{script}: run it with the project's virtualenv: {sys.executable} cannot import "
+        f"{', '.join(missing)}.\nSet the virtualenv up once with {bootstrap}, then run: {python} {script}"
+    )
+
+
+_require_project_venv()
+
 # The benchmarks run the tests' own redis-server launcher (persistence off, its own
-# temp dir, never leaked: atexit and ``setpriv --pdeathsig``); start() after kill()
-# brings it back on the same port. ``testbed`` is importable from the project's
-# virtualenv (the editable install puts the checkout on sys.path).
-from testbed.redis_server import RedisServer, find_free_port, redis_server_binary
+# temp dir, never leaked: atexit and ``setpriv --pdeathsig``; start() after kill()
+# brings it back on the same port) and fault proxy.
+from testbed import FaultProxy, RedisServer, find_free_port, redis_server_binary  # noqa: E402
 
 HOST = "127.0.0.1"
 
-__all__ = ["HOST", "RedisServer", "find_free_port"]
+__all__ = ["HOST", "FaultProxy", "RedisServer", "find_free_port"]
 
 
 def median(values: Sequence[float]) -> float:
@@ -151,7 +183,7 @@ def render_profile(title: str, prof: Any, top: int = 30) -> str:
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
     text = out.getvalue()
-    for prefix in (*sys.path, str(Path(__file__).resolve().parent.parent)):
+    for prefix in (*sys.path, str(REPO)):
         if prefix.startswith("/"):
             text = text.replace(prefix.rstrip("/") + "/", "")
     return f"### cProfile: {title}\n\n```\n{text.strip()}\n```\n"

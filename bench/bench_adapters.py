@@ -240,7 +240,7 @@ def run_httpx(url: str, requests: int, connections: int) -> tuple[float, int, in
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE))
+    # First: outside the project's virtualenv, _harness exits with a clear message.
     from _harness import RedisServer, environment, table
 
     parser = argparse.ArgumentParser(

@@ -36,16 +36,7 @@ also prints a cProfile of the handle's GET loop, sync and async.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import gc
-import logging
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any
-
-import redis
-import redis.asyncio
+# First: outside the project's virtualenv, _harness exits with a clear message.
 from _harness import (
     HOST,
     RedisServer,
@@ -60,6 +51,18 @@ from _harness import (
     render_profile,
     table,
 )
+
+# isort: split
+import argparse
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis
+import redis.asyncio
 
 from otel_redis_resilience import RedisUnavailable, Resilience, RetryPolicy
 

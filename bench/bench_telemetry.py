@@ -58,15 +58,7 @@ the handle's GET with traces+metrics.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import gc
-import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
-
-import redis
-import redis.client
+# First: outside the project's virtualenv, _harness exits with a clear message.
 from _harness import (
     HOST,
     RedisServer,
@@ -81,6 +73,17 @@ from _harness import (
     render_profile,
     table,
 )
+
+# isort: split
+import argparse
+import contextlib
+import gc
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import redis
+import redis.client
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.redis import RedisInstrumentor

@@ -3,11 +3,12 @@
 What is measured
     Two faults, each on its own fresh ``redis-server`` (started here, no persistence):
 
-    * ``blackhole``: the client reaches Redis through a small TCP proxy written in this
-      script. On the fault the proxy stops forwarding: it still accepts connections and
-      reads whatever is sent, discards it and never replies (like a dropped route or a
-      frozen host). Connections that had bytes discarded stay dead; idle pooled
-      connections and new ones forward again once the proxy is switched back.
+    * ``blackhole``: the client reaches Redis through the tests' fault-injecting TCP proxy
+      (``testbed.FaultProxy``). On the fault the proxy stops forwarding: it still accepts
+      connections and reads whatever is sent, discards it and never replies (like a
+      dropped route or a frozen host). When it is switched back, the connections that
+      lived through the blackhole are reset (their requests and replies are out of step)
+      and new ones forward again.
     * ``kill``: ``SIGKILL`` to redis-server; restore = start it again on the same port.
 
     For each, a sync ``Resilience(redis.Redis(host, port))`` with the library's
@@ -37,112 +38,24 @@ anchor), ``--skip-anchor`` (about 15 s) or ``--quick`` (< 20 s).
 
 from __future__ import annotations
 
+# First: outside the project's virtualenv, _harness exits with a clear message.
+from _harness import HOST, FaultProxy, RedisServer, table
+
+# isort: split
 import argparse
-import contextlib
 import logging
-import selectors
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis
-from _harness import HOST, RedisServer, find_free_port, table
 
 from otel_redis_resilience import BreakerTransitioned, Event, RedisUnavailable, Resilience
 
 KEY = "bench:key"
 CALL_GAP = 0.010
 DEADLINE = 1.0
-
-
-# -- the blackhole proxy ---------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Pair:
-    client: socket.socket
-    upstream: socket.socket | None
-    #: Bytes were discarded (or it was accepted while blackholed): never forwards again.
-    dead: bool = False
-
-
-class BlackholeProxy:
-    """A TCP proxy that forwards, or accepts-reads-discards and never replies."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.blackhole = False
-        self._listener = socket.create_server((HOST, 0))
-        self._listener.setblocking(False)
-        self.port: int = self._listener.getsockname()[1]
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self._listener, selectors.EVENT_READ, None)
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="blackhole-proxy", daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        try:
-            client, _ = self._listener.accept()
-        except BlockingIOError:
-            return
-        upstream: socket.socket | None = None
-        if not self.blackhole:
-            try:
-                upstream = socket.create_connection((HOST, self.upstream_port), timeout=1.0)
-            except OSError:
-                client.close()
-                return
-        pair = _Pair(client, upstream, dead=upstream is None)
-        self._sel.register(client, selectors.EVENT_READ, pair)
-        if upstream is not None:
-            self._sel.register(upstream, selectors.EVENT_READ, pair)
-
-    def _close(self, pair: _Pair) -> None:
-        for sock in (pair.client, pair.upstream):
-            if sock is not None:
-                with contextlib.suppress(KeyError, ValueError):
-                    self._sel.unregister(sock)
-                sock.close()
-
-    def _kill_upstream(self, pair: _Pair) -> None:
-        pair.dead = True
-        if pair.upstream is not None:
-            with contextlib.suppress(KeyError, ValueError):
-                self._sel.unregister(pair.upstream)
-            pair.upstream.close()
-            pair.upstream = None
-
-    def _loop(self) -> None:
-        while not self._stopping:
-            for key, _ in self._sel.select(timeout=0.05):
-                pair: _Pair | None = key.data
-                if pair is None:
-                    self._accept()
-                    continue
-                sock: socket.socket = key.fileobj  # type: ignore[assignment]
-                try:
-                    data = sock.recv(65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    self._close(pair)
-                    continue
-                if sock is pair.client:
-                    if pair.dead or self.blackhole:
-                        self._kill_upstream(pair)  # read and discard; this stream is now broken
-                    elif pair.upstream is not None:
-                        pair.upstream.sendall(data)
-                elif not pair.dead:
-                    pair.client.sendall(data)
-        for key in list(self._sel.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._thread.join(2)
 
 
 # -- faults -----------------------------------------------------------------------------
@@ -162,14 +75,14 @@ class BlackholeFault:
 
     def __init__(self) -> None:
         self.server = RedisServer().start()
-        self.proxy = BlackholeProxy(self.server.port)
+        self.proxy = FaultProxy(self.server.host, self.server.port).start()
         self.port = self.proxy.port
 
     def inject(self) -> None:
-        self.proxy.blackhole = True
+        self.proxy.set_mode("blackhole")
 
     def restore(self) -> None:
-        self.proxy.blackhole = False
+        self.proxy.set_mode("pass")
 
     def close(self) -> None:
         self.proxy.stop()
@@ -180,8 +93,8 @@ class KillFault:
     name = "kill"
 
     def __init__(self) -> None:
-        # Pick the port ourselves so the restarted server comes back on it.
-        self.server = RedisServer(find_free_port()).start()
+        # start() after kill() brings it back on the same port.
+        self.server = RedisServer().start()
         self.port = self.server.port
 
     def inject(self) -> None:

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import suppress
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -269,8 +270,9 @@ def test_app_factory_and_configuration_errors(res: Resilience, clean_redis: Redi
 
         assert app.test_client().get("/").text == "True"
         assert app.config[CONFIG_DEADLINE] == 0.3
-    ext.init_app(apps[0], resilience=res)  # again: the hooks are not doubled
-    assert apps[0].before_request_funcs[None].count(apps[0].before_request_funcs[None][0]) == 1
+    with pytest.raises(ConfigurationError, match="init_app"):  # again: a clear error, nothing doubled
+        ext.init_app(apps[0], resilience=res)
+    assert len(apps[0].before_request_funcs[None]) == 1
     assert len(apps[0].teardown_request_funcs[None]) == 1
 
     with pytest.raises(ConfigurationError):
@@ -415,3 +417,101 @@ def test_two_test_client_sessions_with_a_close_between(clean_redis: RedisServer)
                 assert client.get("k") == f"behind-{session}".encode()
             res.close()  # e.g. a fixture's teardown
         client.close()
+
+
+def test_extension_state_in_app_extensions(res: Resilience) -> None:
+    ext = RedisResilience()
+    app = Flask(__name__)
+    ext.init_app(app, resilience=res)
+    state = app.extensions[EXTENSION_KEY]
+    assert EXTENSION_KEY == "otel_redis_resilience"
+    assert state.extension is ext
+    assert state.resilience is res
+
+
+def test_second_init_app_on_the_same_app_raises(res: Resilience, clean_redis: RedisServer) -> None:
+    other_client = redis.Redis(host=clean_redis.host, port=clean_redis.port, db=1)
+    other = Resilience(other_client)
+    app = Flask("twice")
+    ext = RedisResilience(app, resilience=res)
+    message = r"init_app\(\) called twice for the Flask app 'twice'.*once per app"
+    with pytest.raises(ConfigurationError, match=message):
+        ext.init_app(app, resilience=other)  # the same extension
+    with pytest.raises(ConfigurationError, match=message):
+        RedisResilience(app, resilience=other)  # another extension on the same app
+    assert app.extensions[EXTENSION_KEY].resilience is res  # not swapped
+    assert app.extensions[EXTENSION_KEY].extension is ext
+    assert len(app.before_request_funcs[None]) == 1
+    assert len(app.teardown_request_funcs[None]) == 1
+
+    @app.get("/")
+    def index() -> str:
+        g.redis.set("k", "v")
+        return "ok"
+
+    assert app.test_client().get("/").text == "ok"
+    assert res.client.get("k") == b"v"
+    assert other_client.get("k") is None
+    other.close()
+    other_client.close()
+
+
+def test_one_extension_serves_two_apps_each_with_its_own_resilience(
+    res: Resilience, clean_redis: RedisServer
+) -> None:
+    second_client = redis.Redis(host=clean_redis.host, port=clean_redis.port, db=1, socket_timeout=5.0)
+    second = Resilience(second_client)
+    ext = RedisResilience(deadline=0.4)
+    app1, app2 = Flask("one"), Flask("two")
+    ext.init_app(app1, resilience=res)
+    ext.init_app(app2, resilience=second)
+    app2.config[CONFIG_DEADLINE] = 0.2  # each app its own config
+    for app in (app1, app2):
+
+        @app.post("/w/<value>")
+        def write(value: str) -> Any:
+            scope = current_scope()
+            assert scope is not None
+            g.redis.set("k", value)
+            return jsonify(left=scope.remaining(time.monotonic()))
+
+    try:
+        left1 = app1.test_client().post("/w/one").json["left"]
+        left2 = app2.test_client().post("/w/two").json["left"]
+        assert 0.3 < left1 <= 0.4
+        assert 0.1 < left2 <= 0.2
+        assert res.client.get("k") == b"one"  # db 0
+        assert second_client.get("k") == b"two"  # db 1
+        assert app1.extensions[EXTENSION_KEY].extension is app2.extensions[EXTENSION_KEY].extension is ext
+    finally:
+        second.close()
+        second_client.close()
+
+
+def test_hooks_are_registered_through_flask_public_api(res: Resilience) -> None:
+    """In registration order: a before_request hook added after init_app can use Redis."""
+    import otel_redis_resilience_flask as adapter
+
+    source = Path(adapter.__file__).read_text()
+    assert "before_request_funcs" not in source
+    assert "teardown_request_funcs" not in source
+
+    app = Flask(__name__)
+    seen: list[Any] = []
+
+    @app.before_request
+    def earlier() -> None:  # registered before init_app: runs before the scope opens
+        seen.append(current_scope())
+
+    RedisResilience(app, resilience=res)
+
+    @app.before_request
+    def later() -> None:
+        seen.append(g.redis.ping())
+
+    @app.get("/")
+    def index() -> str:
+        return "ok"
+
+    assert app.test_client().get("/").text == "ok"
+    assert seen == [None, True]

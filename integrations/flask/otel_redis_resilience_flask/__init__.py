@@ -11,10 +11,11 @@
     def item(item_id):
         return g.redis.get(f"item:{item_id}")   # or get_redis(), or current_redis()
 
-The scope opens in a ``before_request`` hook that runs before every other one, and
-closes in a ``teardown_request`` hook, which Flask runs also when the view raises.
-Everything else (breaker, retries, deadline, request summary on the server span)
-is the core's.
+The scope opens in a ``before_request`` hook and closes in a ``teardown_request`` hook,
+which Flask runs also when the view raises; both are registered with Flask's public
+decorators at ``init_app``, so the scope opens in registration order among the app's
+``before_request`` hooks. Everything else (breaker, retries, deadline, request summary on
+the server span) is the core's.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def redis_deadline(seconds: float | None) -> Callable[[F], F]:
 
 
 class _State:
+    """What ``app.extensions["otel_redis_resilience"]`` holds: the extension and this app's Resilience."""
+
     __slots__ = ("extension", "resilience")
 
     def __init__(self, extension: RedisResilience, resilience: Resilience) -> None:
@@ -65,6 +68,9 @@ class _State:
 
 class RedisResilience:
     """The Flask extension: opens a request scope of ``resilience`` for every request.
+
+    One extension object may serve several apps (``init_app`` once per app), each
+    with its own ``Resilience``.
 
     Args:
         app: The app, or ``None`` to call :meth:`init_app` later (app factories).
@@ -78,13 +84,24 @@ class RedisResilience:
     def __init__(
         self, app: Flask | None = None, *, resilience: Resilience | None = None, deadline: float | None = 0.5
     ) -> None:
-        validate_deadline("RedisResilience", deadline)
+        self.deadline = validate_deadline("RedisResilience", deadline)
         self.resilience = resilience
-        self.deadline = deadline
         if app is not None:
             self.init_app(app)
 
     def init_app(self, app: Flask, resilience: Resilience | None = None) -> None:
+        """Register the hooks on ``app``; once per app.
+
+        Raises:
+            ConfigurationError: no sync ``Resilience``, an invalid
+                ``REDIS_RESILIENCE_DEADLINE``, or ``app`` already initialised.
+        """
+        if EXTENSION_KEY in app.extensions:
+            raise ConfigurationError(
+                f"RedisResilience.init_app() called twice for the Flask app {app.name!r}: it already "
+                f"has app.extensions[{EXTENSION_KEY!r}]; call init_app() once per app (a Resilience "
+                "is not swapped on a running app: build the app again with the new one)"
+            )
         res = resilience if resilience is not None else self.resilience
         if not isinstance(res, Resilience):
             raise ConfigurationError(
@@ -100,11 +117,8 @@ class RedisResilience:
         # otherwise make every request fail.
         validate_deadline(f"app.config[{CONFIG_DEADLINE!r}]", app.config[CONFIG_DEADLINE], field=None)
         app.extensions[EXTENSION_KEY] = _State(self, res)
-        hooks = app.before_request_funcs.setdefault(None, [])
-        if _open_scope not in hooks:  # init_app twice: the new Resilience, the same hooks
-            # First of the app-wide before_request hooks, so the others can use Redis too.
-            hooks.insert(0, _open_scope)
-            app.teardown_request(_close_scope)
+        app.before_request(_open_scope)
+        app.teardown_request(_close_scope)
 
 
 def _open_scope() -> None:

@@ -96,7 +96,10 @@ app = Starlette(
         Route("/health", health),
         Route("/metrics", prometheus_metrics),
     ],
-    # Closes the client on lifespan shutdown.
-    middleware=[Middleware(ResilienceMiddleware, resilience=res, deadline=common.REQUEST_DEADLINE)],
+    # This app owns its client: the middleware closes it at lifespan shutdown (close_client=True).
+    # Per-route deadlines would be @redis_deadline(seconds) on an endpoint.
+    middleware=[
+        Middleware(ResilienceMiddleware, resilience=res, deadline=common.REQUEST_DEADLINE, close_client=True)
+    ],
 )
 StarletteInstrumentor.instrument_app(app)

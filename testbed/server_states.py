@@ -47,7 +47,7 @@ from typing import Any
 import redis
 from redis._parsers.base import BaseParser
 
-from testbed.redis_server import RedisServer, find_free_port, redis_server_binary
+from testbed.redis_server import RedisServer, find_free_port, pdeathsig_prefix, redis_server_binary
 
 __all__ = ["STATES", "ServerState", "reply_code"]
 
@@ -127,6 +127,7 @@ class _RawServer:
         self.dir = directory
         # fmt: off
         command = [
+            *pdeathsig_prefix("KILL"),  # like RedisServer's: never outlives the test process
             redis_server_binary(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",

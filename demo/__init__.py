@@ -8,7 +8,8 @@ fallbacks, retries and write-behind replay, plus the trace of one degraded reque
 timeline. Modules:
 
 - :mod:`demo.run`: command line and orchestration;
-- :mod:`demo.processes`: the redis-server and app-server subprocesses;
+- :mod:`demo.processes`: the app-server subprocess (the redis-server is the tests' own
+  :class:`testbed.RedisServer`);
 - :mod:`demo.traffic`: the load driver, the ``/health`` poller and the ``/metrics`` scraper;
 - :mod:`demo.report`: turning what was recorded into the report (dict, Markdown, checks);
 - :mod:`demo.timeline`: the PNG timeline;

@@ -1,6 +1,7 @@
 """The outage demo, end to end: ``python -m demo [--short] [--app starlette|flask] [--out DIR]``.
 
-1. Starts a throw-away redis-server (Debian's binary) on a free loopback port.
+1. Starts a throw-away redis-server (Debian's binary) on a free loopback port, with the
+   tests' own launcher, :class:`testbed.RedisServer`.
 2. Starts an example app under a real server: ``examples.starlette_app`` under uvicorn
    (default) or ``examples.flask_app`` under gunicorn (gthread), with ``REDIS_URL``,
    ``DATABASE`` and ``WRITE_BEHIND_DIR`` pointing at temp files. Its traces and metrics go
@@ -38,7 +39,7 @@ import httpx
 import redis.asyncio
 
 from demo.otlp_receiver import OTLPReceiver
-from demo.processes import APPS, AppServer, DemoError, RedisProcess, start_app
+from demo.processes import APPS, AppServer, DemoError, start_app
 from demo.report import RunInfo, build_report, render_markdown
 from demo.timeline import plot_timeline
 from demo.traffic import (
@@ -52,6 +53,7 @@ from demo.traffic import (
     scrape_metrics,
     warm_cache,
 )
+from testbed import RedisServer, RedisServerError
 
 __all__ = ["main"]
 
@@ -139,7 +141,7 @@ async def watch_redis(r: redis.asyncio.Redis, rec: Recording, watch: Watch, stop
 
 
 async def scenario(
-    args: argparse.Namespace, app: AppServer, redis_proc: RedisProcess
+    args: argparse.Namespace, app: AppServer, redis_proc: RedisServer
 ) -> tuple[RunInfo, Recording, list[MetricSample], Watch]:
     rec = Recording()
     watch = Watch()
@@ -168,7 +170,9 @@ async def scenario(
             log(f"phase outage: redis-server SIGKILLed, down for {args.outage:g} s")
             await asyncio.sleep(args.outage)
 
-            redis_proc.spawn()  # from the main thread: its parent-death signal stays armed
+            # Not waiting: the load goes on while we time restart -> first PONG. From the main
+            # thread, so that its parent-death signal stays armed.
+            redis_proc.start(wait=False)
             for _ in range(2000):
                 if redis_proc.ready():
                     break
@@ -250,7 +254,7 @@ def run_demo(args: argparse.Namespace) -> int:
     user_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "")
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="otel-redis-resilience-demo-")))
-        redis_proc = RedisProcess(tmp / "redis")
+        redis_proc = RedisServer()
         stack.callback(redis_proc.stop)
         redis_proc.start()
         log(f"redis-server on {redis_proc.url}")
@@ -322,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run_demo(args)
-    except DemoError as e:
+    except (DemoError, RedisServerError) as e:
         print(f"demo: cannot run: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -33,8 +33,9 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from otel_redis_resilience._writebehind.config import FsyncPolicy, WriteBehindConfig
 from otel_redis_resilience._writebehind.replay import replay_all_async, replay_all_sync
-from otel_redis_resilience._writebehind.store import FsyncPolicy, Journal, JournalConfig
+from otel_redis_resilience._writebehind.store import Journal
 
 POLICIES: tuple[FsyncPolicy, ...] = ("always", "normal", "off")
 N_KEYS = 100
@@ -95,7 +96,7 @@ def _command(i: int) -> tuple[bytes, tuple[bytes | int, ...]]:
 
 def bench_append(base: Path, policy: FsyncPolicy, n: int) -> tuple[float, float, float]:
     """Median, p99 and mean microseconds per append."""
-    with Journal(JournalConfig(base / f"append-{policy}", fsync=policy, max_entries=n + 100)) as journal:
+    with Journal(WriteBehindConfig(base / f"append-{policy}", fsync=policy, max_entries=n + 100)) as journal:
         for i in range(50):  # warm up: connection, page cache, WAL file growth
             journal.append(*_command(i))
         timings = []
@@ -127,7 +128,7 @@ def bench_has_pending(base: Path, n_entries: int, n_calls: int) -> tuple[float, 
 
 
 def _fill(directory: Path, policy: FsyncPolicy, n: int) -> Journal:
-    journal = Journal(JournalConfig(directory, fsync=policy, max_entries=n + 1))
+    journal = Journal(WriteBehindConfig(directory, fsync=policy, max_entries=n + 1))
     for i in range(n):
         journal.append(*_command(i))
     return journal

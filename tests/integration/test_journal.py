@@ -25,18 +25,13 @@ from typing import Any
 import pytest
 
 from otel_redis_resilience import ConfigurationError
-from otel_redis_resilience._writebehind.store import (
-    APPLICATION_ID,
-    DATABASE_FILENAME,
-    FsyncPolicy,
-    Journal,
-    JournalConfig,
-    JournalCorruptError,
-    JournalEntry,
-    JournalError,
-    JournalFullError,
-    encode_arg,
-)
+from otel_redis_resilience._writebehind.codec import encode_arg
+from otel_redis_resilience._writebehind.config import DATABASE_FILENAME, FsyncPolicy, WriteBehindConfig
+from otel_redis_resilience._writebehind.database import APPLICATION_ID
+from otel_redis_resilience._writebehind.errors import JournalCorruptError, JournalError, JournalFullError
+from otel_redis_resilience._writebehind.host import host_identity
+from otel_redis_resilience._writebehind.store import Journal, JournalEntry
+from otel_redis_resilience._writebehind.view import WriteBehindJournal
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +43,7 @@ def jdir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def journal(jdir: Path) -> Iterator[Journal]:
-    j = Journal(JournalConfig(jdir, fsync="normal"))
+    j = Journal(WriteBehindConfig(jdir, fsync="normal"))
     yield j
     j.close()
 
@@ -158,14 +153,15 @@ def test_pending_counters(journal: Journal) -> None:
 
 
 def test_wait_drained(journal: Journal) -> None:
-    assert journal.wait_drained(0)
+    view = WriteBehindJournal(journal)
+    assert view.wait_drained(0)
     ids = [journal.append(b"k", (b"INCR", b"k")) for _ in range(3)]
-    assert not journal.wait_drained(0.1)
+    assert not view.wait_drained(0.1)
     journal.dead_letter(ids[0], "ERR dead letters do not count")
     acker = threading.Timer(0.2, journal.ack, args=(ids[1:],))
     acker.start()
     t0 = time.monotonic()
-    assert journal.wait_drained(5)
+    assert view.wait_drained(5)
     assert 0.1 < time.monotonic() - t0 < 2
     acker.join()
 
@@ -187,17 +183,17 @@ def test_dead_letter(journal: Journal) -> None:
 
 
 def test_uuid_is_stable_and_unique_per_database(tmp_path: Path) -> None:
-    with Journal(JournalConfig(tmp_path / "a")) as j:
+    with Journal(WriteBehindConfig(tmp_path / "a")) as j:
         first = j.uuid
-    with Journal(JournalConfig(tmp_path / "a")) as j:
+    with Journal(WriteBehindConfig(tmp_path / "a")) as j:
         assert j.uuid == first
-    with Journal(JournalConfig(tmp_path / "b")) as j:
+    with Journal(WriteBehindConfig(tmp_path / "b")) as j:
         assert j.uuid != first
     assert len(first) == 32
 
 
 def test_closed_journal_refuses_work(jdir: Path) -> None:
-    j = Journal(JournalConfig(jdir))
+    j = Journal(WriteBehindConfig(jdir))
     j.close()
     j.close()  # idempotent
     with pytest.raises(JournalError, match="closed"):
@@ -259,7 +255,7 @@ def test_forked_child_gets_its_own_connection_and_lease_identity(journal: Journa
 
 
 def test_max_entries_rejects_new_writes_and_keeps_old_ones(jdir: Path) -> None:
-    with Journal(JournalConfig(jdir, max_entries=5, fsync="off")) as j:
+    with Journal(WriteBehindConfig(jdir, max_entries=5, fsync="off")) as j:
         ids = [j.append(b"k", (b"INCRBY", b"k", i)) for i in range(5)]
         with pytest.raises(JournalFullError) as info:
             j.append(b"k", (b"INCRBY", b"k", 99))
@@ -275,7 +271,7 @@ def test_max_entries_rejects_new_writes_and_keeps_old_ones(jdir: Path) -> None:
 
 
 def test_max_bytes_rejects_new_writes_and_keeps_old_ones(jdir: Path) -> None:
-    with Journal(JournalConfig(jdir, max_bytes=200, fsync="off")) as j:
+    with Journal(WriteBehindConfig(jdir, max_bytes=200, fsync="off")) as j:
         kept = []
         for _ in range(100):
             try:
@@ -299,7 +295,7 @@ def test_max_bytes_rejects_new_writes_and_keeps_old_ones(jdir: Path) -> None:
 def test_dead_letters_count_toward_the_bounds(jdir: Path) -> None:
     # Dead letters are kept until an operator purges them, so they must not grow the file
     # beyond the configured bound either.
-    with Journal(JournalConfig(jdir, max_entries=2, fsync="off")) as j:
+    with Journal(WriteBehindConfig(jdir, max_entries=2, fsync="off")) as j:
         j.dead_letter(j.append(b"k", (b"RPUSH", b"k", b"x")), "WRONGTYPE")
         j.append(b"k", (b"SET", b"k", b"v"))
         with pytest.raises(JournalFullError):
@@ -315,7 +311,7 @@ def test_directory_and_files_are_private(tmp_path: Path) -> None:
     jdir = tmp_path / "nested" / "wb"
     old = os.umask(0)  # the worst case: nothing masked out
     try:
-        with Journal(JournalConfig(jdir)) as j:
+        with Journal(WriteBehindConfig(jdir)) as j:
             j.append(b"k", (b"SET", b"k", b"v"))
             assert stat.S_IMODE(os.stat(jdir).st_mode) == 0o700
             files = sorted(p.name for p in jdir.iterdir())
@@ -329,7 +325,7 @@ def test_directory_and_files_are_private(tmp_path: Path) -> None:
 def test_wal_mode_and_fsync_policy(jdir: Path) -> None:
     policies: list[tuple[FsyncPolicy, int]] = [("always", 2), ("normal", 1), ("off", 0)]
     for policy, level in policies:
-        with Journal(JournalConfig(jdir, fsync=policy)) as j:
+        with Journal(WriteBehindConfig(jdir, fsync=policy)) as j:
             conn = j._conn()
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert conn.execute("PRAGMA synchronous").fetchone()[0] == level
@@ -337,7 +333,7 @@ def test_wal_mode_and_fsync_policy(jdir: Path) -> None:
 
 @pytest.fixture
 def filled_db(jdir: Path) -> Path:
-    with Journal(JournalConfig(jdir, fsync="off")) as j:
+    with Journal(WriteBehindConfig(jdir, fsync="off")) as j:
         for i in range(2000):
             j.append(b"key%d" % i, (b"SET", b"key%d" % i, b"x" * 100))
     path = jdir / DATABASE_FILENAME
@@ -349,7 +345,7 @@ def _assert_corrupt_and_untouched(jdir: Path, path: Path, match: str) -> None:
     before = _sha256(path)
     size = path.stat().st_size
     with pytest.raises(JournalCorruptError, match=match) as info:
-        Journal(JournalConfig(jdir))
+        Journal(WriteBehindConfig(jdir))
     assert info.value.path == str(path)
     assert str(path) in str(info.value)
     assert path.stat().st_size == size
@@ -412,21 +408,22 @@ def test_missing_table_is_refused(filled_db: Path) -> None:
 def test_path_that_is_not_a_file_is_refused(jdir: Path) -> None:
     (jdir / DATABASE_FILENAME).mkdir(parents=True)
     with pytest.raises(JournalCorruptError, match="not a regular file"):
-        Journal(JournalConfig(jdir))
+        Journal(WriteBehindConfig(jdir))
 
 
 def test_directory_path_that_is_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "wb").write_bytes(b"")
     with pytest.raises(JournalError, match="not a directory"):
-        Journal(JournalConfig(tmp_path / "wb"))
+        Journal(WriteBehindConfig(tmp_path / "wb"))
 
 
 # ------------------------------------------------------------------------------ processes
 
 _APPEND_FOREVER = """
     import sys
-    from otel_redis_resilience._writebehind.store import Journal, JournalConfig
-    j = Journal(JournalConfig(sys.argv[1], fsync=sys.argv[2]))
+    from otel_redis_resilience._writebehind.store import Journal
+    from otel_redis_resilience._writebehind.config import WriteBehindConfig
+    j = Journal(WriteBehindConfig(sys.argv[1], fsync=sys.argv[2]))
     print("ready", flush=True)
     i = 0
     while True:
@@ -457,7 +454,7 @@ def test_acknowledged_appends_survive_sigkill(jdir: Path, fsync: str) -> None:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
-    with Journal(JournalConfig(jdir)) as j:
+    with Journal(WriteBehindConfig(jdir)) as j:
         stored = {e.id: e for e in j.read_batch(1_000_000)}
     missing = sorted(set(acknowledged) - set(stored))
     assert not missing, f"{len(missing)} acknowledged entries lost, e.g. {missing[:5]}"
@@ -467,8 +464,9 @@ def test_acknowledged_appends_survive_sigkill(jdir: Path, fsync: str) -> None:
 
 _APPEND_IN_ROUNDS = """
     import sys
-    from otel_redis_resilience._writebehind.store import Journal, JournalConfig
-    j = Journal(JournalConfig(sys.argv[1], fsync="normal"))
+    from otel_redis_resilience._writebehind.store import Journal
+    from otel_redis_resilience._writebehind.config import WriteBehindConfig
+    j = Journal(WriteBehindConfig(sys.argv[1], fsync="normal"))
     tag, per_round = sys.argv[2].encode(), int(sys.argv[3])
     ids = []
     print("ready", flush=True)
@@ -483,7 +481,7 @@ _APPEND_IN_ROUNDS = """
 
 
 def test_processes_append_concurrently(jdir: Path) -> None:
-    Journal(JournalConfig(jdir)).close()  # created once; the children race on appends only
+    Journal(WriteBehindConfig(jdir)).close()  # created once; the children race on appends only
     rounds, per_round = 4, 150
     procs = [_child(_APPEND_IN_ROUNDS, str(jdir), f"p{k}", str(per_round)) for k in range(3)]
     # Rounds: all children append at the same time within a round, and every round starts
@@ -504,7 +502,7 @@ def test_processes_append_concurrently(jdir: Path) -> None:
     all_ids = [i for ids in per_proc for i in ids]
     assert len(all_ids) == len(set(all_ids)) == 3 * rounds * per_round
     assert all(ids == sorted(ids) for ids in per_proc)
-    with Journal(JournalConfig(jdir)) as j:
+    with Journal(WriteBehindConfig(jdir)) as j:
         entries = j.read_batch(len(all_ids) + 1)
     assert [e.id for e in entries] == sorted(all_ids)
     owners = [e.key for e in entries]
@@ -516,8 +514,9 @@ def test_processes_append_concurrently(jdir: Path) -> None:
 
 _OPEN_AND_PRINT_UUID = """
     import sys
-    from otel_redis_resilience._writebehind.store import Journal, JournalConfig
-    j = Journal(JournalConfig(sys.argv[1]))
+    from otel_redis_resilience._writebehind.store import Journal
+    from otel_redis_resilience._writebehind.config import WriteBehindConfig
+    j = Journal(WriteBehindConfig(sys.argv[1]))
     print(j.uuid, flush=True)
 """
 
@@ -539,8 +538,8 @@ def test_processes_creating_the_journal_at_once_share_one(jdir: Path) -> None:
 
 
 def test_lease_has_one_holder_and_expires(jdir: Path) -> None:
-    a = Journal(JournalConfig(jdir, lease_seconds=10))
-    b = Journal(JournalConfig(jdir, lease_seconds=10))
+    a = Journal(WriteBehindConfig(jdir, lease_seconds=10))
+    b = Journal(WriteBehindConfig(jdir, lease_seconds=10))
     try:
         now = time.time()
         assert a.try_acquire_lease(now)
@@ -563,8 +562,9 @@ def test_lease_has_one_holder_and_expires(jdir: Path) -> None:
 
 _HOLD_LEASE_AND_APPEND = """
     import sys
-    from otel_redis_resilience._writebehind.store import Journal, JournalConfig
-    j = Journal(JournalConfig(sys.argv[1], lease_seconds=float(sys.argv[2])))
+    from otel_redis_resilience._writebehind.store import Journal
+    from otel_redis_resilience._writebehind.config import WriteBehindConfig
+    j = Journal(WriteBehindConfig(sys.argv[1], lease_seconds=float(sys.argv[2])))
     assert j.try_acquire_lease()
     for i in range(50):
         j.append(b"k", (b"INCRBY", b"k", 1))
@@ -580,7 +580,7 @@ def test_crashed_process_journal_is_adopted(jdir: Path) -> None:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
 
-    with Journal(JournalConfig(jdir, lease_seconds=1.0)) as j:
+    with Journal(WriteBehindConfig(jdir, lease_seconds=1.0)) as j:
         assert j.pending_count() == 50
         assert j.has_pending(b"k")
         assert not j.try_acquire_lease()  # the dead owner's lease is still running
@@ -589,7 +589,7 @@ def test_crashed_process_journal_is_adopted(jdir: Path) -> None:
 
 
 def test_lease_of_a_dead_holder_is_taken_over_at_once(jdir: Path) -> None:
-    with _child(_HOLD_LEASE_AND_APPEND, str(jdir), "60") as proc, Journal(JournalConfig(jdir)) as j:
+    with _child(_HOLD_LEASE_AND_APPEND, str(jdir), "60") as proc, Journal(WriteBehindConfig(jdir)) as j:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "done"
         # Alive: respected, with or without take_over_dead.
@@ -608,7 +608,7 @@ def test_lease_of_a_dead_holder_is_taken_over_at_once(jdir: Path) -> None:
 
 
 def test_lease_of_a_live_holder_in_this_process_is_never_taken_over(jdir: Path) -> None:
-    with Journal(JournalConfig(jdir)) as a, Journal(JournalConfig(jdir)) as b:
+    with Journal(WriteBehindConfig(jdir)) as a, Journal(WriteBehindConfig(jdir)) as b:
         assert a.try_acquire_lease()
         assert not b.try_acquire_lease(take_over_dead=True)
 
@@ -616,7 +616,7 @@ def test_lease_of_a_live_holder_in_this_process_is_never_taken_over(jdir: Path) 
 def test_lease_owner_from_an_unknown_place_is_waited_out(jdir: Path) -> None:
     # Another host or pid namespace (or an older library version): its pid means nothing here.
     # 4194305 is above any pid Linux can hand out (PID_MAX_LIMIT is 2**22).
-    with Journal(JournalConfig(jdir, lease_seconds=60)) as j:
+    with Journal(WriteBehindConfig(jdir, lease_seconds=60)) as j:
         conn = sqlite3.connect(j.path, isolation_level=None)  # autocommit: no transaction left open
         try:
             conn.execute(
@@ -627,8 +627,7 @@ def test_lease_owner_from_an_unknown_place_is_waited_out(jdir: Path) -> None:
             conn.execute("UPDATE lease SET owner = ?", ("4194305:abc:1:other-boot/pid:[1]",))
             assert not j.try_acquire_lease(take_over_dead=True)
             # The same owner on this host, whose pid does not exist: taken over.
-            mine = j.lease_owner_token.split(":", 3)
-            conn.execute("UPDATE lease SET owner = ?", (f"4194305:abc:1:{mine[3]}",))
+            conn.execute("UPDATE lease SET owner = ?", (f"4194305:abc:1:{host_identity()}",))
             assert j.try_acquire_lease(take_over_dead=True)
         finally:
             conn.close()
@@ -656,8 +655,8 @@ def test_public_exceptions_print_with_the_public_module() -> None:
 
 
 def test_close_releases_the_lease(jdir: Path) -> None:
-    a = Journal(JournalConfig(jdir))
-    b = Journal(JournalConfig(jdir))
+    a = Journal(WriteBehindConfig(jdir))
+    b = Journal(WriteBehindConfig(jdir))
     assert a.try_acquire_lease()
     assert not b.try_acquire_lease()
     a.close()
@@ -669,14 +668,14 @@ def test_close_releases_the_lease(jdir: Path) -> None:
 
 
 def test_config_defaults(tmp_path: Path) -> None:
-    c = JournalConfig(tmp_path)
+    c = WriteBehindConfig(tmp_path)
     assert (c.max_entries, c.max_bytes, c.fsync) == (100_000, 64 * 1024 * 1024, "always")
     assert (c.marker_prefix, c.marker_ttl, c.lease_seconds) == ("orr:wb", 7 * 86400, 10.0)
     assert c.database_path == tmp_path / DATABASE_FILENAME
     with pytest.raises(AttributeError):
         c.fsync = "off"  # type: ignore[misc]
     with pytest.raises(TypeError):
-        JournalConfig(tmp_path, 5)  # type: ignore[call-arg]
+        WriteBehindConfig(tmp_path, 5)  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize(
@@ -702,14 +701,14 @@ def test_config_defaults(tmp_path: Path) -> None:
     ],
 )
 def test_config_validation_names_the_field(tmp_path: Path, field: str, value: object) -> None:
-    with pytest.raises(ConfigurationError, match=rf"JournalConfig\.{field}\b"):
-        JournalConfig(tmp_path, **{field: value})  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=rf"WriteBehindConfig\.{field}\b"):
+        WriteBehindConfig(tmp_path, **{field: value})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("directory", ["", 5, None, b"/tmp/x"])
 def test_config_validation_directory(directory: object) -> None:
-    with pytest.raises(ConfigurationError, match=r"JournalConfig\.directory"):
-        JournalConfig(directory)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"WriteBehindConfig\.directory"):
+        WriteBehindConfig(directory)  # type: ignore[arg-type]
 
 
 def test_close_while_other_threads_read_and_write_never_crashes(jdir: Path) -> None:
@@ -721,10 +720,11 @@ def test_close_while_other_threads_read_and_write_never_crashes(jdir: Path) -> N
     script = textwrap.dedent(
         f"""
         import threading
-        from otel_redis_resilience._writebehind.store import Journal, JournalConfig, JournalError
+        from otel_redis_resilience._writebehind.store import Journal, JournalError
+        from otel_redis_resilience._writebehind.config import WriteBehindConfig
 
         for round in range(30):
-            j = Journal(JournalConfig({str(jdir)!r} + "/r" + str(round), fsync="off"))
+            j = Journal(WriteBehindConfig({str(jdir)!r} + "/r" + str(round), fsync="off"))
             stop = threading.Event()
             errors = []
 

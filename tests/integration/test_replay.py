@@ -26,6 +26,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from otel_redis_resilience._writebehind.config import WriteBehindConfig
 from otel_redis_resilience._writebehind.replay import (
     REPLAY_SCRIPT,
     REPLAY_SCRIPT_SHA,
@@ -41,7 +42,7 @@ from otel_redis_resilience._writebehind.replay import (
     replay_batch_async,
     replay_batch_sync,
 )
-from otel_redis_resilience._writebehind.store import Journal, JournalConfig, JournalEntry
+from otel_redis_resilience._writebehind.store import Journal, JournalEntry
 from testbed import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -60,7 +61,7 @@ def _async_client(server: RedisServer) -> redis.asyncio.Redis:
 
 @pytest.fixture
 def journal(tmp_path: Path) -> Iterator[Journal]:
-    j = Journal(JournalConfig(tmp_path / "wb", fsync="normal"))
+    j = Journal(WriteBehindConfig(tmp_path / "wb", fsync="normal"))
     yield j
     j.close()
 
@@ -205,7 +206,7 @@ def test_crash_between_apply_and_ack_applies_nothing_twice(journal: Journal, cli
 
 def test_two_replayers_racing_apply_once(tmp_path: Path, clean_redis: RedisServer) -> None:
     # The lease normally prevents this; the markers must make it harmless anyway.
-    journals = [Journal(JournalConfig(tmp_path / "wb", fsync="normal")) for _ in range(2)]
+    journals = [Journal(WriteBehindConfig(tmp_path / "wb", fsync="normal")) for _ in range(2)]
     clients = [_client(clean_redis) for _ in range(2)]
     n = 4000
     _journal_counters_and_lists(journals[0], n)
@@ -313,8 +314,8 @@ def test_decode_responses_client(journal: Journal, clean_redis: RedisServer) -> 
 
 
 def test_lease_held_elsewhere_means_no_replay(tmp_path: Path, client: redis.Redis) -> None:
-    a = Journal(JournalConfig(tmp_path / "wb", fsync="normal"))
-    b = Journal(JournalConfig(tmp_path / "wb", fsync="normal"))
+    a = Journal(WriteBehindConfig(tmp_path / "wb", fsync="normal"))
+    b = Journal(WriteBehindConfig(tmp_path / "wb", fsync="normal"))
     try:
         a.append(b"k", (b"SET", b"k", b"v"))
         assert b.try_acquire_lease()
@@ -332,8 +333,9 @@ def test_lease_held_elsewhere_means_no_replay(tmp_path: Path, client: redis.Redi
 
 _HOLD_LEASE = """
     import sys
-    from otel_redis_resilience._writebehind.store import Journal, JournalConfig
-    j = Journal(JournalConfig(sys.argv[1], fsync="normal"))
+    from otel_redis_resilience._writebehind.store import Journal
+    from otel_redis_resilience._writebehind.config import WriteBehindConfig
+    j = Journal(WriteBehindConfig(sys.argv[1], fsync="normal"))
     assert j.try_acquire_lease()
     print("held", flush=True)
     sys.stdin.readline()
@@ -381,8 +383,8 @@ def test_replay_takes_over_the_lease_of_a_killed_holder(
 
 
 def test_max_batches_and_lost_lease_end_the_run(tmp_path: Path, clean_redis: RedisServer) -> None:
-    a = Journal(JournalConfig(tmp_path / "wb", fsync="normal"))
-    b = Journal(JournalConfig(tmp_path / "wb", fsync="normal"))
+    a = Journal(WriteBehindConfig(tmp_path / "wb", fsync="normal"))
+    b = Journal(WriteBehindConfig(tmp_path / "wb", fsync="normal"))
 
     class LeaseStealingRedis(redis.Redis):
         """A real client that lets another process steal the lease while a batch is replayed."""
@@ -559,9 +561,10 @@ _REPLAY_IN_CHILD = """
     import sys, redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
-    from otel_redis_resilience._writebehind.store import Journal, JournalConfig
+    from otel_redis_resilience._writebehind.store import Journal
+    from otel_redis_resilience._writebehind.config import WriteBehindConfig
     from otel_redis_resilience._writebehind.replay import replay_all_sync
-    j = Journal(JournalConfig(sys.argv[1], fsync="normal", lease_seconds=0.5))
+    j = Journal(WriteBehindConfig(sys.argv[1], fsync="normal", lease_seconds=0.5))
     c = redis.Redis(port=int(sys.argv[2]), retry=Retry(NoBackoff(), 0))
     print("ready", flush=True)
     replay_all_sync(c, j, batch_size=100)
@@ -572,7 +575,7 @@ _REPLAY_IN_CHILD = """
 def test_replayer_process_killed_mid_replay(tmp_path: Path, clean_redis: RedisServer) -> None:
     jdir = tmp_path / "wb"
     n = 10_000
-    with Journal(JournalConfig(jdir, fsync="normal", lease_seconds=0.5)) as journal:
+    with Journal(WriteBehindConfig(jdir, fsync="normal", lease_seconds=0.5)) as journal:
         _journal_counters_and_lists(journal, n)
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         with subprocess.Popen(

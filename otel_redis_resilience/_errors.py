@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import redis.exceptions
 
-#: Why a call did not reach a usable reply from Redis.
-UnavailableReason = Literal[
-    "breaker_open",
-    "breaker_opened",
-    "retries_exhausted",
-    "budget_exhausted",
-    "deadline_exceeded",
-    "unsafe_to_retry",
-    "write_refused",
-    "journal_failed",
-]
+# Defined on the decision floor, which may not import redis; raised from here too.
+from ._decide.errors import ConfigurationError, UnavailableReason
+
+__all__ = ["ConfigurationError", "RedisUnavailable", "UnavailableReason"]
 
 
 class RedisUnavailable(redis.exceptions.ConnectionError):
@@ -106,10 +97,5 @@ def _rebuild(
     return exc
 
 
-class ConfigurationError(ValueError):
-    """A configuration value is invalid. Raised at construction, naming the field."""
-
-
 # Printed and pickled under the public name, not the private module's.
 RedisUnavailable.__module__ = "otel_redis_resilience"
-ConfigurationError.__module__ = "otel_redis_resilience"

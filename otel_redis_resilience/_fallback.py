@@ -15,10 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import redis.exceptions as rexc
-
-from ._decide.commands import READ_COMMANDS
+from ._decide.commands import READ_COMMANDS, miss_reply
 from ._decide.config import _int_at_least
+from ._drive.classify import fallback_reason
 from ._errors import ConfigurationError, RedisUnavailable
 from ._scope import current_scope
 
@@ -30,16 +29,15 @@ _MISSING: Any = object()
 
 
 def unavailability_reason(exc: BaseException) -> str | None:
-    """The fallback reason for an error, or None if it must not fall back."""
+    """The fallback reason for an error, or None if it must not fall back.
+
+    The library's own verdict gives its reason; redis-py's errors are sorted by the
+    one classifier (``_drive/classify.py``), so a fallback and a retry agree on what
+    is an outage.
+    """
     if isinstance(exc, RedisUnavailable):
         return exc.reason
-    if isinstance(exc, rexc.AuthenticationError | rexc.AuthorizationError):
-        return None
-    if isinstance(exc, rexc.TimeoutError):
-        return "timeout"
-    if isinstance(exc, rexc.ConnectionError):
-        return "connection_error"
-    return None
+    return fallback_reason(exc)
 
 
 def make_fallback_decorator(
@@ -89,76 +87,6 @@ def make_fallback_decorator(
         return cast(F, wrapper)
 
     return decorate
-
-
-# What a read returns when its key does not exist: what a cache miss looks like.
-_EMPTY_LIST = frozenset(
-    [
-        "LRANGE",
-        "ZRANGE",
-        "ZRANGEBYSCORE",
-        "ZRANGEBYLEX",
-        "ZREVRANGE",
-        "ZREVRANGEBYSCORE",
-        "ZREVRANGEBYLEX",
-        "KEYS",
-        "HKEYS",
-        "HVALS",
-        "XRANGE",
-        "XREVRANGE",
-        "SORT_RO",
-        "GEOPOS",
-        "GEOHASH",
-    ]
-)
-_EMPTY_SET = frozenset(["SMEMBERS", "SINTER", "SUNION", "SDIFF"])
-_ZERO = frozenset(
-    [
-        "EXISTS",
-        "SCARD",
-        "LLEN",
-        "HLEN",
-        "ZCARD",
-        "STRLEN",
-        "XLEN",
-        "BITCOUNT",
-        "PFCOUNT",
-        "HEXISTS",
-        "SISMEMBER",
-        "DBSIZE",
-        "ZCOUNT",
-        "ZLEXCOUNT",
-        "GETBIT",
-        "HSTRLEN",
-        "TOUCH",
-        "SINTERCARD",
-        "ZINTERCARD",
-    ]
-)
-
-
-def miss_reply(name: str, args: Sequence[Any], *, decode: bool = False) -> Any:
-    """The reply of ``args`` as if every key it reads were missing.
-
-    ``decode``: the client has ``decode_responses=True``, so strings are ``str``.
-    """
-    if name == "MGET":
-        return [None] * (len(args) - 1)
-    if name in ("HMGET", "SMISMEMBER", "ZMSCORE"):
-        return [None if name != "SMISMEMBER" else 0] * (len(args) - 2)
-    if name == "HGETALL":
-        return {}
-    if name in _EMPTY_SET:
-        return set()
-    if name in _EMPTY_LIST:
-        return []
-    if name in _ZERO:
-        return 0
-    if name in ("TTL", "PTTL"):
-        return -2
-    if name == "TYPE":
-        return "none" if decode else b"none"
-    return None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -238,6 +166,8 @@ MISSING = _MISSING
 
 #: Handle modes (a class attribute on plain handles, set on views).
 NORMAL, MISS, STALE, WRITE_BEHIND = 0, 1, 2, 3
+
+__all__ = ["MISS", "NORMAL", "STALE", "WRITE_BEHIND", "LastKnownGood", "LastKnownGoodPolicy", "miss_reply"]
 
 
 def lkg_key(args: Sequence[Any], options: dict[str, Any]) -> tuple[Any, ...] | None:

@@ -1,14 +1,20 @@
-"""What the sync and async handles share: views, pipelines' operation set-up. No I/O."""
+"""What the sync and async handles share: views, an operation's set-up, pipelines'. No I/O."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from ._decide.operation import Core, Operation
+from ._decide.commands import _NAMES, command_name
+from ._decide.operation import Operation
+from ._drive.flows import view_flow
 from ._errors import ConfigurationError
 from ._fallback import MISS, NORMAL, STALE, WRITE_BEHIND
 from ._scope import RequestScope, scope_closed_error
+
+if TYPE_CHECKING:
+    from ._drive.core import Core
+    from ._drive.flows import ViewFlow
 
 
 class HandleBase:
@@ -17,6 +23,24 @@ class HandleBase:
     _orr_core: Core
     _orr_scope: RequestScope | None
     _orr_mode: int = NORMAL
+
+    def _orr_operation(self, args: Sequence[Any]) -> Operation:
+        """The operation for one command (``args``, name first) on this handle.
+
+        Raises:
+            ScopeClosedError: the handle's request scope has ended.
+        """
+        name = _NAMES.get(args[0]) or command_name(args)
+        scope = self._orr_scope
+        if scope is not None and scope.ended:
+            raise scope_closed_error(name)
+        return Operation(self._orr_core, scope, name, args)
+
+    def _orr_flow(
+        self, op: Operation, args: Sequence[Any], options: dict[str, Any], decodes: Callable[[], bool]
+    ) -> ViewFlow:
+        """The written-once flow of a command on a view (see ``_drive/flows.py``)."""
+        return view_flow(self._orr_core, self._orr_mode, op.name, args, options, self._orr_scope, decodes)
 
     def miss_on_outage(self) -> Any:
         """A view of this handle whose reads answer as cache misses (None, empty) when Redis is unavailable.

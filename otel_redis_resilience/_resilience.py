@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import contextvars
-import logging
 import os
 import threading
 import time
@@ -22,19 +18,16 @@ from redis.retry import Retry
 
 from ._decide.breaker import BreakerState
 from ._decide.config import BreakerPolicy, RetryPolicy, validate_deadline, validate_request_deadline
-from ._decide.operation import Core
-from ._drive import aio as _async
-from ._drive import sync as _sync
-from ._drive.connection import hooked_class
-from ._drive.context import CURRENT_ATTEMPT, Attempt
+from ._drive.aio import AsyncDriver
+from ._drive.core import Core
+from ._drive.flows import probe_flow
+from ._drive.sync import SyncDriver
 from ._errors import ConfigurationError
 from ._fallback import _MISSING, LastKnownGood, LastKnownGoodPolicy, make_fallback_decorator
 from ._observe.events import Endpoint, Hook
 from ._observe.telemetry import Telemetry
 from ._scope import RequestScope, enter, leave
 from ._writebehind.writebehind import WriteBehind, WriteBehindConfig
-
-logger = logging.getLogger("otel_redis_resilience")
 
 _all_cores: weakref.WeakSet[Core] = weakref.WeakSet()
 
@@ -108,10 +101,12 @@ class Resilience:
         last_known_good: LastKnownGoodPolicy | None = None,
         write_behind: WriteBehindConfig | None = None,
     ) -> None:
+        # The one place sync and asyncio part: everything that differs is the driver's.
+        self._driver: SyncDriver | AsyncDriver
         if isinstance(client, redis.asyncio.Redis):
-            self._is_async = True
+            self._driver = AsyncDriver()
         elif isinstance(client, redis.Redis):
-            self._is_async = False
+            self._driver = SyncDriver()
         else:
             raise ConfigurationError(
                 "Resilience(client) needs a redis.Redis or a redis.asyncio.Redis, "
@@ -159,25 +154,29 @@ class Resilience:
             meter_provider=meter_provider,
             capture_statement=capture_statement,
         )
-        self._core = Core(endpoint=self.endpoint, retry=retry, breaker=breaker, telemetry=self._telemetry)
-        self._telemetry.state_source = self._core.state
-        self._core.start_probe = self._start_probe
-        if last_known_good is not None:
-            if not isinstance(last_known_good, LastKnownGoodPolicy):
-                raise ConfigurationError(
-                    f"Resilience(last_known_good=...) must be a LastKnownGoodPolicy, got {last_known_good!r}"
-                )
-            self._core.lkg = LastKnownGood(last_known_good)
+        if last_known_good is not None and not isinstance(last_known_good, LastKnownGoodPolicy):
+            raise ConfigurationError(
+                f"Resilience(last_known_good=...) must be a LastKnownGoodPolicy, got {last_known_good!r}"
+            )
+        self._core = Core(
+            endpoint=self.endpoint,
+            retry=retry,
+            breaker=breaker,
+            telemetry=self._telemetry,
+            start_probe=self._start_probe,
+            lkg=None if last_known_good is None else LastKnownGood(last_known_good),
+        )
+        self._telemetry.watch_state(self._core.state)
         _all_cores.add(self._core)
         if write_behind is not None:
             if not isinstance(write_behind, WriteBehindConfig):
                 raise ConfigurationError(
                     f"Resilience(write_behind=...) must be a WriteBehindConfig, got {write_behind!r}"
                 )
-            self._core.write_behind = WriteBehind(write_behind, self._core, client, is_async=self._is_async)
-        self._handle_cls = (_async.handle_class if self._is_async else _sync.handle_class)(type(client))
-        self._probe_task: asyncio.Task[None] | None = None
-        self._probe_thread: threading.Thread | None = None
+            self._core.write_behind = WriteBehind(
+                write_behind, self._core, client, is_async=self._driver.is_async
+            )
+        self._handle_cls = self._driver.handle_class(type(client))
         self._closed = False
         #: Bumped by close(): a probe loop started before it stops, and leaves the
         #: probe claim to close() (which already released it).
@@ -185,9 +184,8 @@ class Resilience:
         #: Guards _closed and _generation only; never held across I/O.
         self._life_lock = threading.Lock()
         self._install()
-        if self._core.write_behind is not None and not self._is_async:
-            # After _install: the replayer's first run must use hooked, non-retrying connections.
-            self._core.write_behind.kick()
+        # After _install: the replayer's first run must use hooked, non-retrying connections.
+        self._driver.start_write_behind(self._core)
 
     # -- set-up -----------------------------------------------------------------
 
@@ -207,21 +205,15 @@ class Resilience:
             if self._core.attempt_timeout is None:
                 self._core.attempt_timeout = float(socket_timeout)
         checks = bool(pool.connection_kwargs.get("health_check_interval"))
-        pool.connection_class = hooked_class(
-            pool.connection_class, is_async=self._is_async, health_checks=checks
-        )
+        pool.connection_class = self._driver.hooked_class(pool.connection_class, checks)
         # Connections made before us carry the old class and retry settings.
         pool.reset()
         conn = getattr(self.client, "connection", None)
         if conn is not None:
-            conn.__class__ = hooked_class(type(conn), is_async=self._is_async, health_checks=checks)
+            conn.__class__ = self._driver.hooked_class(type(conn), checks)
             conn.retry = no_retry
-            # reset() forgot that the client holds this one; the asyncio pool's release()
-            # (client.aclose()) raises KeyError for a connection it does not know (the
-            # sync pool's ignores it).
-            in_use = getattr(pool, "_in_use_connections", None)
-            if self._is_async and in_use is not None:
-                in_use.add(conn)
+            # reset() forgot that the client holds this one.
+            self._driver.keep_in_use(pool, conn)
 
     # -- public API ---------------------------------------------------------------
 
@@ -239,7 +231,7 @@ class Resilience:
     @property
     def is_async(self) -> bool:
         """Whether this wraps an asyncio client."""
-        return self._is_async
+        return self._driver.is_async
 
     @property
     def breaker_state(self) -> BreakerState:
@@ -248,11 +240,11 @@ class Resilience:
 
     def force_open(self) -> None:
         """Open the breaker and keep it open (no probes) until :meth:`reset`. For operators."""
-        self._core.force_open()
+        self._core.force_open(time.monotonic())
 
     def reset(self) -> None:
         """Close the breaker and forget its history. For operators."""
-        self._core.reset()
+        self._core.reset(time.monotonic())
 
     def request(self, *, deadline: float | None = None) -> RequestContext[Any]:
         """Open a request scope; use ``with`` (sync client) or ``async with`` (asyncio client).
@@ -307,11 +299,7 @@ class Resilience:
             wb = self._core.write_behind
         if wb is not None:
             wb.close()
-        task, self._probe_task = self._probe_task, None
-        self._probe_thread = None
-        if task is not None and not task.done():
-            with contextlib.suppress(RuntimeError):  # its event loop is already closed
-                task.get_loop().call_soon_threadsafe(task.cancel)
+        self._driver.stop_probe()
         # A probe cut off with its event loop never runs its own clean-up: release its
         # claim here, or no probe could start again after the next use re-opens.
         self._core.probe_finished()
@@ -322,7 +310,7 @@ class Resilience:
         # Opened outside the lock (file I/O); a concurrent re-opener's extra one is closed.
         fresh = None
         if old is not None:
-            fresh = WriteBehind(old.journal.config, self._core, self.client, is_async=self._is_async)
+            fresh = WriteBehind(old.config, self._core, self.client, is_async=self._driver.is_async)
         with self._life_lock:
             won = self._closed
             if won:
@@ -339,73 +327,11 @@ class Resilience:
             self._core.probe_finished()
             return
         generation = self._generation
-        if self._is_async:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                self._core.probe_finished()
-                return
-            # A fresh context, like the sync probe's thread: no request's trace, scope or attempt.
-            self._probe_task = loop.create_task(
-                self._probe_loop_async(generation),
-                name="otel-redis-resilience-probe",
-                context=contextvars.Context(),
-            )
-        else:
-            thread = threading.Thread(
-                target=self._probe_loop_sync,
-                args=(generation,),
-                name=f"otel-redis-resilience-probe-{self.endpoint}",
-                daemon=True,
-            )
-            self._probe_thread = thread
-            thread.start()
-
-    def _probe_loop_sync(self, generation: int) -> None:
-        core = self._core
-        policy = self.breaker_policy
-        interval = policy.probe_interval or 0.0
-        timeout = policy.probe_timeout or interval
-        client: Any = self.client
-        try:
-            while generation == self._generation and core.probe_wanted():
-                time.sleep(interval)
-                if generation != self._generation or not core.probe_wanted():
-                    break
-                token = CURRENT_ATTEMPT.set(Attempt(time.monotonic() + timeout))
-                try:
-                    client.execute_command("PING")
-                except Exception:
-                    continue
-                finally:
-                    CURRENT_ATTEMPT.reset(token)
-                core.probe_succeeded()
-                break
-        finally:
-            if generation == self._generation:  # else close() released the claim
-                core.probe_finished()
-
-    async def _probe_loop_async(self, generation: int) -> None:
-        core = self._core
-        policy = self.breaker_policy
-        interval = policy.probe_interval or 0.0
-        timeout = policy.probe_timeout or interval
-        client: Any = self.client
-        try:
-            while generation == self._generation and core.probe_wanted():
-                await asyncio.sleep(interval)
-                if generation != self._generation or not core.probe_wanted():
-                    break
-                try:
-                    async with asyncio.timeout(timeout):
-                        await client.execute_command("PING")
-                except Exception:
-                    continue
-                core.probe_succeeded()
-                break
-        finally:
-            if generation == self._generation:
-                core.probe_finished()
+        flow = probe_flow(self._core, self.breaker_policy, lambda: generation == self._generation)
+        if not self._driver.start_probe(flow, self.client, self.endpoint):
+            # No event loop to run it on (an asyncio client used from sync code): let
+            # the next rejection try again.
+            self._core.probe_finished()
 
     def __repr__(self) -> str:
         return f"<Resilience {self.endpoint} breaker={self.breaker_state.value}>"
@@ -446,8 +372,7 @@ class RequestContext(Generic[H]):
         return self._scope
 
     def __enter__(self) -> Any:
-        if self._res.is_async:
-            raise TypeError("this Resilience wraps an asyncio client: use `async with res.request():`")
+        self._res._driver.check_with(asynchronous=False)
         return self._open()
 
     def __exit__(
@@ -456,8 +381,7 @@ class RequestContext(Generic[H]):
         self._close()
 
     async def __aenter__(self) -> Any:
-        if not self._res.is_async:
-            raise TypeError("this Resilience wraps a sync client: use `with res.request():`")
+        self._res._driver.check_with(asynchronous=True)
         return self._open()
 
     async def __aexit__(

@@ -1,20 +1,7 @@
-"""A switch for test suites: no backoff sleeps."""
+"""A switch for test suites: no backoff sleeps (kept on the decision floor, which reads it)."""
 
 from __future__ import annotations
 
-_testing = False
+from ._decide.testing import is_testing, set_testing
 
-
-def set_testing(testing: bool) -> None:
-    """Turn testing mode on or off.
-
-    In testing mode retries still happen (so tests see the real number of
-    attempts) but backoff sleeps are skipped, keeping test suites fast.
-    """
-    global _testing
-    _testing = bool(testing)
-
-
-def is_testing() -> bool:
-    """Whether testing mode is on."""
-    return _testing
+__all__ = ["is_testing", "set_testing"]

@@ -1,9 +1,16 @@
-"""The command-safety table: which commands may be sent twice. Pure.
+"""The command table: everything the library knows of one Redis command. Pure.
 
-A command that was written to the socket and got no reply may already have run
-on the server. Sending it again is only safe if running it twice has the same
-effect, and the same reply, as running it once. Anything not listed here is
-treated as unsafe.
+One place per kind of knowledge, all here: which commands only read, which may be
+sent twice (a command that was written to the socket and got no reply may already
+have run; sending it again is only safe if running it twice has the same effect,
+and the same reply, as running it once: anything not listed is unsafe), the options
+that make a safe command unsafe, where a blocking command's block time is, what a
+read answers on a miss, and the one parser of command names. Write-behind's own
+rules (which writes it journals) read these tables.
+
+To add a command: put its name in ``READ_COMMANDS`` or ``IDEMPOTENT_WRITES`` (and
+``REPLY_UNSTABLE_WRITES`` if a second run answers differently); a read whose missing
+key does not answer nil goes in ``_MISS_REPLIES``; a blocking one in ``_BLOCK_*``.
 """
 
 from __future__ import annotations
@@ -17,99 +24,15 @@ from typing import Any
 #: Read-only commands (the server's ``readonly`` flag, Redis 7) plus
 #: administrative reads that change nothing.
 READ_COMMANDS: frozenset[str] = frozenset(
-    [
-        "BITCOUNT",
-        "BITFIELD_RO",
-        "BITPOS",
-        "DBSIZE",
-        "DUMP",
-        "EVAL_RO",
-        "EVALSHA_RO",
-        "EXISTS",
-        "EXPIRETIME",
-        "FCALL_RO",
-        "GEODIST",
-        "GEOHASH",
-        "GEOPOS",
-        "GEORADIUS_RO",
-        "GEORADIUSBYMEMBER_RO",
-        "GEOSEARCH",
-        "GET",
-        "GETBIT",
-        "GETRANGE",
-        "HEXISTS",
-        "HGET",
-        "HGETALL",
-        "HKEYS",
-        "HLEN",
-        "HMGET",
-        "HRANDFIELD",
-        "HSCAN",
-        "HSTRLEN",
-        "HVALS",
-        "KEYS",
-        "LCS",
-        "LINDEX",
-        "LLEN",
-        "LOLWUT",
-        "LPOS",
-        "LRANGE",
-        "MGET",
-        "PEXPIRETIME",
-        "PFCOUNT",
-        "PTTL",
-        "RANDOMKEY",
-        "SCAN",
-        "SCARD",
-        "SDIFF",
-        "SINTER",
-        "SINTERCARD",
-        "SISMEMBER",
-        "SMEMBERS",
-        "SMISMEMBER",
-        "SORT_RO",
-        "SRANDMEMBER",
-        "SSCAN",
-        "STRLEN",
-        "SUBSTR",
-        "SUNION",
-        "TOUCH",
-        "TTL",
-        "TYPE",
-        "XLEN",
-        "XPENDING",
-        "XRANGE",
-        "XREAD",
-        "XREVRANGE",
-        "ZCARD",
-        "ZCOUNT",
-        "ZDIFF",
-        "ZINTER",
-        "ZINTERCARD",
-        "ZLEXCOUNT",
-        "ZMSCORE",
-        "ZRANDMEMBER",
-        "ZRANGE",
-        "ZRANGEBYLEX",
-        "ZRANGEBYSCORE",
-        "ZRANK",
-        "ZREVRANGE",
-        "ZREVRANGEBYLEX",
-        "ZREVRANGEBYSCORE",
-        "ZREVRANK",
-        "ZSCAN",
-        "ZSCORE",
-        "ZUNION",
-        "PING",
-        "ECHO",
-        "TIME",
-        "INFO",
-        "LASTSAVE",
-        "ROLE",
-        "COMMAND",
-        "XINFO",
-        "PUBSUB",
-    ]
+    """
+    BITCOUNT BITFIELD_RO BITPOS DBSIZE DUMP EVAL_RO EVALSHA_RO EXISTS EXPIRETIME FCALL_RO GEODIST GEOHASH
+    GEOPOS GEORADIUS_RO GEORADIUSBYMEMBER_RO GEOSEARCH GET GETBIT GETRANGE HEXISTS HGET HGETALL HKEYS HLEN
+    HMGET HRANDFIELD HSCAN HSTRLEN HVALS KEYS LCS LINDEX LLEN LOLWUT LPOS LRANGE MGET PEXPIRETIME PFCOUNT
+    PTTL RANDOMKEY SCAN SCARD SDIFF SINTER SINTERCARD SISMEMBER SMEMBERS SMISMEMBER SORT_RO SRANDMEMBER SSCAN
+    STRLEN SUBSTR SUNION TOUCH TTL TYPE XLEN XPENDING XRANGE XREAD XREVRANGE ZCARD ZCOUNT ZDIFF ZINTER
+    ZINTERCARD ZLEXCOUNT ZMSCORE ZRANDMEMBER ZRANGE ZRANGEBYLEX ZRANGEBYSCORE ZRANK ZREVRANGE ZREVRANGEBYLEX
+    ZREVRANGEBYSCORE ZREVRANK ZSCAN ZSCORE ZUNION PING ECHO TIME INFO LASTSAVE ROLE COMMAND XINFO PUBSUB
+    """.split()
 ) | frozenset(
     {
         "CONFIG GET",
@@ -144,38 +67,11 @@ READ_COMMANDS: frozenset[str] = frozenset(
 #: journal entry may run twice). Not all of them give the same *reply* twice:
 #: see :data:`REPLY_UNSTABLE_WRITES`.
 IDEMPOTENT_WRITES: frozenset[str] = frozenset(
-    [
-        "SET",
-        "SETEX",
-        "PSETEX",
-        "MSET",
-        "DEL",
-        "UNLINK",
-        "EXPIRE",
-        "PEXPIRE",
-        "EXPIREAT",
-        "PEXPIREAT",
-        "PERSIST",
-        "GETEX",
-        "HSET",
-        "HMSET",
-        "HDEL",
-        "SADD",
-        "SREM",
-        "ZADD",
-        "ZREM",
-        "ZREMRANGEBYSCORE",
-        "ZREMRANGEBYLEX",
-        "SETBIT",
-        "SETRANGE",
-        "LSET",
-        "PFADD",
-        "GEOADD",
-        "XACK",
-        "XDEL",
-        "FLUSHDB",
-        "FLUSHALL",
-    ]
+    """
+    SET SETEX PSETEX MSET DEL UNLINK EXPIRE PEXPIRE EXPIREAT PEXPIREAT PERSIST GETEX HSET HMSET HDEL SADD
+    SREM ZADD ZREM ZREMRANGEBYSCORE ZREMRANGEBYLEX SETBIT SETRANGE LSET PFADD GEOADD XACK XDEL FLUSHDB
+    FLUSHALL
+    """.split()
 ) | frozenset({"SCRIPT LOAD", "CLIENT SETNAME", "CLIENT SETINFO"})
 
 #: Idempotent writes whose second run answers differently from the first: a
@@ -186,26 +82,10 @@ IDEMPOTENT_WRITES: frozenset[str] = frozenset(
 #: one of these after a lost reply would hand the caller the second run's reply,
 #: so it is not re-sent: the call raises ``RedisUnavailable(outcome_unknown=True)``.
 REPLY_UNSTABLE_WRITES: frozenset[str] = frozenset(
-    [
-        "DEL",
-        "UNLINK",
-        "EXPIREAT",
-        "PEXPIREAT",
-        "PERSIST",
-        "HSET",
-        "HDEL",
-        "SADD",
-        "SREM",
-        "ZADD",
-        "ZREM",
-        "ZREMRANGEBYSCORE",
-        "ZREMRANGEBYLEX",
-        "SETBIT",
-        "PFADD",
-        "GEOADD",
-        "XACK",
-        "XDEL",
-    ]
+    """
+    DEL UNLINK EXPIREAT PEXPIREAT PERSIST HSET HDEL SADD SREM ZADD ZREM ZREMRANGEBYSCORE ZREMRANGEBYLEX
+    SETBIT PFADD GEOADD XACK XDEL
+    """.split()
 )
 
 
@@ -265,6 +145,36 @@ _BLOCK_LAST_SECONDS = frozenset({"BLPOP", "BRPOP", "BRPOPLPUSH", "BLMOVE", "BZPO
 _BLOCK_FIRST_SECONDS = frozenset({"BLMPOP", "BZMPOP"})
 _BLOCK_LAST_MILLIS = frozenset({"WAIT", "WAITAOF"})
 _BLOCK_OPTION_MILLIS = frozenset({"XREAD", "XREADGROUP"})
+#: Every command that may block (cheap membership test before parsing its arguments).
+BLOCKING_COMMANDS = _BLOCK_LAST_SECONDS | _BLOCK_FIRST_SECONDS | _BLOCK_LAST_MILLIS | _BLOCK_OPTION_MILLIS
+
+# What a read answers when its keys do not exist: what a cache miss looks like
+# (``miss_reply``). Reads not listed answer nil. Per key: one reply per key argument.
+_MISS_REPLIES: dict[str, str] = {
+    **dict.fromkeys(
+        """
+        LRANGE ZRANGE ZRANGEBYSCORE ZRANGEBYLEX ZREVRANGE ZREVRANGEBYSCORE ZREVRANGEBYLEX KEYS HKEYS HVALS
+        XRANGE XREVRANGE SORT_RO GEOPOS GEOHASH
+        """.split(),
+        "empty_list",
+    ),
+    **dict.fromkeys("SMEMBERS SINTER SUNION SDIFF".split(), "empty_set"),
+    **dict.fromkeys(
+        """
+        EXISTS SCARD LLEN HLEN ZCARD STRLEN XLEN BITCOUNT PFCOUNT HEXISTS SISMEMBER DBSIZE ZCOUNT ZLEXCOUNT
+        GETBIT HSTRLEN TOUCH SINTERCARD ZINTERCARD
+        """.split(),
+        "zero",
+    ),
+    "TTL": "no_key",
+    "PTTL": "no_key",
+    "TYPE": "none_type",
+    "HGETALL": "empty_dict",
+    "MGET": "nil_per_key",
+    "HMGET": "nil_per_field",
+    "ZMSCORE": "nil_per_field",
+    "SMISMEMBER": "zero_per_field",
+}
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -279,7 +189,11 @@ _NAMES: dict[Any, str] = {}
 
 
 def command_name(args: Sequence[Any]) -> str:
-    """The upper-case command name, multi-word commands kept whole (``CONFIG GET``)."""
+    """The upper-case command name, multi-word commands kept whole (``CONFIG GET``).
+
+    The one parser of command names: handles, pipelines' commands, telemetry's
+    sanitised statements and write-behind all use it.
+    """
     first = args[0]
     try:
         return _NAMES[first]
@@ -426,3 +340,28 @@ def relative_ttl(name: str, args: Sequence[Any]) -> float | None:
 def _seconds_text(seconds: float) -> str:
     # Redis takes fractional seconds (6.0+); never 0, which would mean "forever".
     return f"{max(seconds, 0.001):.3f}"
+
+
+def miss_reply(name: str, args: Sequence[Any], *, decode: bool = False) -> Any:
+    """The reply of ``args`` as if every key it reads were missing.
+
+    ``decode``: the client has ``decode_responses=True``, so strings are ``str``.
+    """
+    kind = _MISS_REPLIES.get(name)
+    if kind is None:
+        return None
+    if kind == "empty_list":
+        return []
+    if kind == "zero":
+        return 0
+    if kind == "empty_set":
+        return set()
+    if kind == "empty_dict":
+        return {}
+    if kind == "no_key":
+        return -2
+    if kind == "none_type":
+        return "none" if decode else b"none"
+    if kind == "nil_per_key":
+        return [None] * (len(args) - 1)
+    return [0 if kind == "zero_per_field" else None] * (len(args) - 2)

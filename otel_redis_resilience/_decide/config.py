@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .._errors import ConfigurationError
+from .errors import ConfigurationError
 
 #: The smallest duration, in seconds, accepted for anything that bounds or judges one
 #: round trip to Redis (``attempt_timeout``, ``probe_timeout``, ``probe_interval``,

@@ -1,22 +1,29 @@
-"""The asyncio driver and handle: I/O and sleeping only; every decision is in ``_engine``."""
+"""The asyncio driver: the attempt loop, the handle, and the steps of the flows, by awaiting.
+
+Every decision is in ``_decide`` (the attempt walk) and ``flows.py`` (views,
+apply-or-journal, the probe); this module only awaits, sleeps, moves blocking
+work off the event loop and starts tasks. It never blocks the loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio
 
-from .._decide.commands import _NAMES, command_name
-from .._decide.operation import RERAISE, Core, Operation
-from .._errors import RedisUnavailable
-from .._fallback import STALE, WRITE_BEHIND, recover, remember
+from .._decide.commands import command_name
+from .._decide.operation import RERAISE, GiveUp, Operation
 from .._handle import HandleBase, make_class, pipeline_operation
 from .._scope import RequestScope, scope_closed_error
-from .._writebehind.writebehind import may_journal_after, write_key
+from .connection import hooked_class
 from .context import CURRENT_ATTEMPT, Attempt
+from .core import Core, next_timeout, retry_delay, unavailable
+from .flows import Journal, Ping, ProbeFlow, ViewFlow
 
 T = TypeVar("T")
 _monotonic = time.monotonic
@@ -76,6 +83,8 @@ def _watchdog(loop: asyncio.AbstractEventLoop) -> _Watchdog:
 async def run_async(op: Operation, call: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
     """Run ``call(*args, **kwargs)`` as the attempts of ``op``; never blocks the event loop."""
     timeout = op.start(_monotonic())
+    if isinstance(timeout, GiveUp):  # rejected up front
+        raise unavailable(op, timeout, None)
     task: Any = None
     while True:
         attempt = Attempt(None)
@@ -111,16 +120,37 @@ async def run_async(op: Operation, call: Callable[..., Awaitable[T]], *args: Any
                     task.uncancel()
         except BaseException as exc:
             CURRENT_ATTEMPT.reset(token)
-            delay = op.failed(exc, attempt.sent, _monotonic())
+            delay = retry_delay(op, exc, attempt.sent)
             if delay == RERAISE:
                 raise
             if delay > 0:
                 await asyncio.sleep(delay)
-            timeout = op.next_attempt(_monotonic(), exc)
+            timeout = next_timeout(op, exc)
             continue
         CURRENT_ATTEMPT.reset(token)
         op.succeeded(_monotonic())
         return result
+
+
+async def drive_view(flow: ViewFlow, op: Operation, call: Callable[[], Awaitable[Any]]) -> Any:
+    """Perform a view's steps: await the attempts, or journal in a worker thread (the append fsyncs)."""
+    try:
+        step = next(flow)
+        while True:
+            try:
+                if not isinstance(step, Journal):
+                    reply = await run_async(op, call)
+                else:
+                    j = step
+                    reply = await asyncio.to_thread(
+                        j.wb.append, j.key, j.args, j.reason, j.scope, after=j.after
+                    )
+            except Exception as exc:
+                step = flow.throw(exc)
+            else:
+                step = flow.send(reply)
+    except StopIteration as done:
+        return done.value
 
 
 class AsyncHandle(HandleBase, redis.asyncio.Redis):  # type: ignore[misc]  # redis-py's own stubs clash
@@ -131,73 +161,28 @@ class AsyncHandle(HandleBase, redis.asyncio.Redis):  # type: ignore[misc]  # red
     deadline. It shares the client's connection pool; closing it closes nothing.
     """
 
-    _orr_core: Core
-    _orr_scope: RequestScope | None
-
     #: The client class whose execute_command runs each attempt (a user subclass's
     #: override included). Looked up per call, so instrumentation that patches the
     #: class later (contrib's RedisInstrumentor) still sees every attempt.
     _orr_client_cls: type = redis.asyncio.Redis
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        name = _NAMES.get(args[0]) or command_name(args)
-        if self._orr_scope is not None and self._orr_scope.ended:
-            raise scope_closed_error(name)
-        op = Operation(self._orr_core, self._orr_scope, name, args)
+        op = self._orr_operation(args)
         base = self._orr_client_cls.execute_command  # type: ignore[attr-defined]
-        mode = self._orr_mode
-        if not mode:
-            if op.block is not None:
-                # A blocking command's block time may be shortened to the deadline: op.args.
-                return await run_async(op, lambda: base(self, *op.args, **options))
+        if self._orr_mode:
+            flow = self._orr_flow(op, args, options, self._orr_decodes)
+            return await drive_view(flow, op, lambda: base(self, *op.args, **options))
+        if op.block is None:  # the plain handle: the hot path, no flow
             return await run_async(op, base, self, *args, **options)
-        core = self._orr_core
-        if mode == WRITE_BEHIND:
-            return await self._orr_write_behind(op, name, args, lambda: base(self, *op.args, **options))
-        try:
-            result = await run_async(op, lambda: base(self, *op.args, **options))
-        except Exception as exc:
-            return recover(
-                mode,
-                core.lkg,
-                core.telemetry,
-                name,
-                args,
-                options,
-                exc,
-                self._orr_scope,
-                decode=self.get_encoder().decode_responses,  # type: ignore[no-untyped-call]
-            )
-        if mode == STALE:
-            remember(core.lkg, name, args, options, result)
-        return result
+        # A blocking command's block time may be shortened to the deadline: op.args.
+        return await run_async(op, lambda: base(self, *op.args, **options))
 
-    async def _orr_write_behind(
-        self, op: Operation, name: str, args: Any, call: Callable[[], Awaitable[Any]]
-    ) -> Any:
-        wb = self._orr_core.write_behind
-        assert wb is not None
-        key = write_key(name, args)
-        if key is None:
-            return await run_async(op, call)
-        # A WAL read never waits for writers: cheap enough to run on the loop.
-        if wb.must_queue(key):
-            # The append fsyncs: keep it off the event loop.
-            queued = await asyncio.to_thread(wb.append, key, args, "queued_behind", self._orr_scope)
-            wb.kick()  # the entries ahead may be waiting for a replayer to notice Redis is fine
-            return queued
-        try:
-            return await run_async(op, call)
-        except RedisUnavailable as exc:
-            if not may_journal_after(exc, name):
-                raise
-            journaled = await asyncio.to_thread(wb.append, key, args, exc.reason, self._orr_scope, after=exc)
-        wb.kick()
-        return journaled
+    def _orr_decodes(self) -> bool:
+        return bool(self.get_encoder().decode_responses)  # type: ignore[no-untyped-call]
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
         pipe = super().pipeline(transaction, shard_hint)
-        return self._orr_adopt(pipe, make_class(_pipeline_classes, PIPELINE_HOOKS, type(pipe)))
+        return self._orr_adopt(pipe, make_class(_pipeline_classes, AsyncPipelineHooks, type(pipe)))
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         """Does nothing: the handle does not own the client or its pool."""
@@ -243,7 +228,6 @@ class AsyncPipelineHooks:
 
 _pipeline_classes: dict[type, type] = {}
 _handle_classes: dict[type, type] = {}
-PIPELINE_HOOKS = AsyncPipelineHooks
 
 
 def handle_class(client_cls: type) -> type:
@@ -253,3 +237,69 @@ def handle_class(client_cls: type) -> type:
     found = make_class(_handle_classes, AsyncHandle, client_cls)
     found._orr_client_cls = client_cls  # type: ignore[attr-defined]
     return found
+
+
+async def _probe(flow: ProbeFlow, client: Any) -> None:
+    """Step the probe flow in this task until it ends (or the task is cancelled)."""
+    with contextlib.closing(flow):
+        step = next(flow, None)
+        while step is not None:
+            reply: float | None = None
+            if isinstance(step, Ping):
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(step.timeout):
+                        await client.execute_command("PING")
+                    reply = _monotonic()
+            else:
+                await asyncio.sleep(step.seconds)
+            try:
+                step = flow.send(reply)
+            except StopIteration:
+                step = None
+
+
+class AsyncDriver:
+    """What ``Resilience`` does differently for an asyncio client, chosen once at construction."""
+
+    is_async = True
+    handle_class = staticmethod(handle_class)
+
+    def __init__(self) -> None:
+        self._probe_task: asyncio.Task[None] | None = None
+
+    def check_with(self, asynchronous: bool) -> None:
+        """Raise TypeError for a plain ``with`` on an asyncio client's request scope."""
+        if not asynchronous:
+            raise TypeError("this Resilience wraps an asyncio client: use `async with res.request():`")
+
+    def hooked_class(self, cls: type, health_checks: bool) -> type:
+        return hooked_class(cls, is_async=True, health_checks=health_checks)
+
+    def keep_in_use(self, pool: Any, conn: Any) -> None:
+        """The pool's reset() forgot the connection the client holds: give it back.
+
+        The asyncio pool's release() (``client.aclose()``) raises KeyError for a
+        connection it does not know.
+        """
+        in_use = getattr(pool, "_in_use_connections", None)
+        if in_use is not None:
+            in_use.add(conn)
+
+    def start_write_behind(self, core: Core) -> None:
+        """Nothing yet: the replayer is a task, started by the first request scope's loop."""
+
+    def start_probe(self, flow: ProbeFlow, client: Any, endpoint: object) -> bool:
+        name = "otel-redis-resilience-probe"
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        # A fresh context, like the sync probe's thread: no request's trace, scope or attempt.
+        self._probe_task = loop.create_task(_probe(flow, client), name=name, context=contextvars.Context())
+        return True
+
+    def stop_probe(self) -> None:
+        task, self._probe_task = self._probe_task, None
+        if task is not None and not task.done():
+            with contextlib.suppress(RuntimeError):  # its event loop is already closed
+                task.get_loop().call_soon_threadsafe(task.cancel)

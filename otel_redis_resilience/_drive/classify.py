@@ -1,74 +1,19 @@
-"""Sorting the errors of one attempt into kinds the decisions act on. Pure.
+"""Sorting the errors of one attempt into kinds, at the I/O boundary.
 
-The error-reply table (docs/configuration.md, "Error replies") is written here
-once: which replies are evidence against Redis, which are retried, which reach
-the caller unchanged and which are a refused write.
+This is the one place that knows redis-py's exception classes: the decisions
+(``_decide``) get the :class:`ErrorKind` and the error code computed here, never
+the exception's class. The table of error replies is ``_decide/errors.py``.
 """
 
 from __future__ import annotations
 
-import enum
 import socket
 
 import redis.exceptions as rexc
 
+from .._decide.errors import KNOWN_CODES, NOT_EVIDENCE, REFUSED, ErrorKind, code_in_text, kind_of_code
 
-class ErrorKind(enum.Enum):
-    #: The caller's bug or configuration (WRONGTYPE, syntax, NOSCRIPT, NOAUTH,
-    #: WRONGPASS, NOPERM...): raised unchanged, never retried, never counted.
-    CALLER = "caller"
-    #: No reply in time: Redis may be hung, or the attempt's time was too short.
-    TIMEOUT = "timeout"
-    #: The connection failed (refused, reset, closed): Redis is unreachable.
-    CONNECTION = "connection"
-    #: The server answered that it serves nothing now (LOADING, BUSY,
-    #: MASTERDOWN): the command did not run; retried, and evidence against it.
-    NOT_SERVING = "not_serving"
-    #: The cluster answered "not now" (TRYAGAIN, CLUSTERDOWN): the command did
-    #: not run; retried, but no evidence against this node.
-    TRANSIENT = "transient"
-    #: The server refused a write it cannot take now (READONLY, OOM, MISCONF,
-    #: NOREPLICAS) while it still serves reads: not retried, not evidence.
-    WRITE_REFUSED = "write_refused"
-    #: No connection could be had from the client's own pool: a local limit,
-    #: retried but not held against Redis.
-    POOL_EXHAUSTED = "pool_exhausted"
-    #: Not an error of the call at all (cancellation, KeyboardInterrupt).
-    ABORTED = "aborted"
-
-
-#: Error codes and their kind. Codes not listed are the caller's.
-ERROR_REPLIES: dict[str, ErrorKind] = {
-    "LOADING": ErrorKind.NOT_SERVING,
-    "BUSY": ErrorKind.NOT_SERVING,
-    "MASTERDOWN": ErrorKind.NOT_SERVING,
-    "TRYAGAIN": ErrorKind.TRANSIENT,
-    "CLUSTERDOWN": ErrorKind.TRANSIENT,
-    "READONLY": ErrorKind.WRITE_REFUSED,
-    "OOM": ErrorKind.WRITE_REFUSED,
-    "MISCONF": ErrorKind.WRITE_REFUSED,
-    "NOREPLICAS": ErrorKind.WRITE_REFUSED,
-    "NOAUTH": ErrorKind.CALLER,
-    "WRONGPASS": ErrorKind.CALLER,
-    "NOPERM": ErrorKind.CALLER,
-}
-
-#: The error codes redis-server sends. Only these are believed when read from an
-#: error's text: a script's error reply or a pipeline's re-worded message can put
-#: anything there, a key or a value included.
-KNOWN_CODES = frozenset(
-    {
-        "ERR", "WRONGTYPE", "NOSCRIPT", "OOM", "EXECABORT", "LOADING", "BUSY", "BUSYKEY", "BUSYGROUP",
-        "NOGROUP", "READONLY", "NOAUTH", "WRONGPASS", "NOPERM", "NOPROTO", "MISCONF", "MASTERDOWN",
-        "NOREPLICAS", "CROSSSLOT", "CLUSTERDOWN", "TRYAGAIN", "MOVED", "ASK", "UNKILLABLE", "NOTBUSY",
-        "UNBLOCKED", "NOTSUPPORTED",
-    }
-)  # fmt: skip
-
-#: Kinds that say nothing against this Redis node.
-NOT_EVIDENCE = frozenset({ErrorKind.TRANSIENT, ErrorKind.WRITE_REFUSED, ErrorKind.POOL_EXHAUSTED})
-#: Kinds of error reply with which the server refused the command without running it.
-REFUSED = frozenset({ErrorKind.NOT_SERVING, ErrorKind.TRANSIENT, ErrorKind.WRITE_REFUSED})
+__all__ = ["KNOWN_CODES", "NOT_EVIDENCE", "REFUSED", "ErrorKind", "classify", "error_code", "error_type"]
 
 
 def error_code(exc: BaseException) -> str | None:
@@ -81,15 +26,7 @@ def error_code(exc: BaseException) -> str | None:
     if isinstance(code, str) and code in KNOWN_CODES:
         return code
     if isinstance(exc, rexc.ResponseError) and exc.args:
-        text = str(exc.args[0])
-        # A pipeline's error is re-worded: "Command # 2 (<its args>) of pipeline caused
-        # error: CODE ..." (asyncio: "('CODE ...',)"); the args may hold that phrase too.
-        marker = text.rfind("caused error: ")
-        if marker >= 0:
-            text = text[marker + 14 :].lstrip("('\"")
-        word = text.split(" ", 1)[0]
-        if word in KNOWN_CODES:
-            return word
+        return code_in_text(str(exc.args[0]))
     return None
 
 
@@ -105,7 +42,7 @@ def classify(exc: BaseException) -> ErrorKind:
     if isinstance(exc, rexc.ResponseError | rexc.BusyLoadingError):
         code = error_code(exc)
         if code is not None:
-            return ERROR_REPLIES.get(code, ErrorKind.CALLER)
+            return kind_of_code(code)
         return ErrorKind.NOT_SERVING if isinstance(exc, rexc.BusyLoadingError) else ErrorKind.CALLER
     if isinstance(exc, rexc.MaxConnectionsError) or (
         isinstance(exc, rexc.ConnectionError)
@@ -120,13 +57,34 @@ def classify(exc: BaseException) -> ErrorKind:
     return ErrorKind.CALLER
 
 
+def fallback_reason(exc: BaseException) -> str | None:
+    """Why a fallback may answer instead of redis-py's own error, or None if it must not.
+
+    Only redis-py's connection and timeout errors are unavailability; among them an
+    authentication or authorization failure is the caller's (``CALLER``).
+    """
+    if not isinstance(exc, rexc.ConnectionError | rexc.TimeoutError):
+        return None
+    kind = classify(exc)
+    if kind is ErrorKind.TIMEOUT:
+        return "timeout"
+    if kind is ErrorKind.CALLER:
+        return None
+    return "connection_error"
+
+
 # One name for one thing: a timeout is redis-py's TimeoutError whichever layer
 # noticed it (redis-py's socket read, our sync socket cap, our asyncio watchdog).
 _TIMEOUT_TYPE = "redis.exceptions.TimeoutError"
+_PACKAGE = "otel_redis_resilience"
 
 
 def error_type(exc: BaseException) -> str:
-    """A low-cardinality name for an error, for ``error.type``."""
+    """A low-cardinality name for an error, for ``error.type``.
+
+    Our own classes are named by the package (``otel_redis_resilience.X``), never by
+    the private module that defines them: a module move must not rename a metric series.
+    """
     code = error_code(exc)
     if code is not None:
         return code
@@ -136,4 +94,6 @@ def error_type(exc: BaseException) -> str:
     module = cls.__module__
     if module == "builtins":
         return cls.__qualname__
+    if module.startswith(_PACKAGE + "."):
+        module = _PACKAGE
     return f"{module}.{cls.__qualname__}"

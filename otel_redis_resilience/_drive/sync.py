@@ -1,22 +1,26 @@
-"""The sync driver and handle: I/O and sleeping only; every decision is in ``_engine``."""
+"""The sync driver: the attempt loop, the handle, and the steps of the flows, by blocking I/O.
+
+Every decision is in ``_decide`` (the attempt walk) and ``flows.py`` (views,
+apply-or-journal, the probe); this module only blocks, sleeps and starts threads.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
-import redis.client
 
-from .._decide.commands import _NAMES, command_name
-from .._decide.operation import RERAISE, Core, Operation
-from .._errors import RedisUnavailable
-from .._fallback import STALE, WRITE_BEHIND, recover, remember
+from .._decide.commands import command_name
+from .._decide.operation import RERAISE, GiveUp, Operation
 from .._handle import HandleBase, make_class, pipeline_operation
 from .._scope import RequestScope, scope_closed_error
-from .._writebehind.writebehind import may_journal_after, write_key
+from .connection import hooked_class
 from .context import CURRENT_ATTEMPT, Attempt
+from .core import Core, next_timeout, retry_delay, unavailable
+from .flows import Journal, Ping, ProbeFlow, ViewFlow
 
 T = TypeVar("T")
 _monotonic = time.monotonic
@@ -25,6 +29,8 @@ _monotonic = time.monotonic
 def run_sync(op: Operation, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run ``call(*args, **kwargs)`` as the attempts of ``op``."""
     timeout = op.start(_monotonic())
+    if isinstance(timeout, GiveUp):  # rejected up front
+        raise unavailable(op, timeout, None)
     while True:
         attempt = Attempt(None if timeout is None else _monotonic() + timeout)
         token = CURRENT_ATTEMPT.set(attempt)
@@ -32,16 +38,34 @@ def run_sync(op: Operation, call: Callable[..., T], *args: Any, **kwargs: Any) -
             result = call(*args, **kwargs)
         except BaseException as exc:
             CURRENT_ATTEMPT.reset(token)
-            delay = op.failed(exc, attempt.sent, _monotonic())
+            delay = retry_delay(op, exc, attempt.sent)
             if delay == RERAISE:
                 raise
             if delay > 0:
                 time.sleep(delay)
-            timeout = op.next_attempt(_monotonic(), exc)
+            timeout = next_timeout(op, exc)
             continue
         CURRENT_ATTEMPT.reset(token)
         op.succeeded(_monotonic())
         return result
+
+
+def drive_view(flow: ViewFlow, op: Operation, call: Callable[[], Any]) -> Any:
+    """Perform a view's steps: run the attempts, or journal (the append fsyncs: it blocks)."""
+    try:
+        step = next(flow)
+        while True:
+            try:
+                if isinstance(step, Journal):
+                    reply = step.wb.append(step.key, step.args, step.reason, step.scope, after=step.after)
+                else:
+                    reply = run_sync(op, call)
+            except Exception as exc:
+                step = flow.throw(exc)
+            else:
+                step = flow.send(reply)
+    except StopIteration as done:
+        return done.value
 
 
 class SyncHandle(HandleBase, redis.Redis):
@@ -53,68 +77,28 @@ class SyncHandle(HandleBase, redis.Redis):
     shares the client's connection pool; closing it closes nothing.
     """
 
-    _orr_core: Core
-    _orr_scope: RequestScope | None
     #: The client class whose execute_command runs each attempt (a user subclass's
     #: override included). Looked up per call, so instrumentation that patches the
     #: class later (contrib's RedisInstrumentor) still sees every attempt.
     _orr_client_cls: type = redis.Redis
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        name = _NAMES.get(args[0]) or command_name(args)
-        if self._orr_scope is not None and self._orr_scope.ended:
-            raise scope_closed_error(name)
-        op = Operation(self._orr_core, self._orr_scope, name, args)
+        op = self._orr_operation(args)
         base = self._orr_client_cls.execute_command  # type: ignore[attr-defined]
-        mode = self._orr_mode
-        if not mode:
-            if op.block is not None:
-                # A blocking command's block time may be shortened to the deadline: op.args.
-                return run_sync(op, lambda: base(self, *op.args, **options))
-            return run_sync(op, base, self, *args, **options)
-        core = self._orr_core
-        if mode == WRITE_BEHIND:
-            return self._orr_write_behind(op, name, args, lambda: base(self, *op.args, **options))
-        try:
-            result = run_sync(op, lambda: base(self, *op.args, **options))
-        except Exception as exc:
-            return recover(
-                mode,
-                core.lkg,
-                core.telemetry,
-                name,
-                args,
-                options,
-                exc,
-                self._orr_scope,
-                decode=self.get_encoder().decode_responses,
-            )
-        if mode == STALE:
-            remember(core.lkg, name, args, options, result)
-        return result
+        if not self._orr_mode:  # the plain handle: the hot path, no flow
+            if op.block is None:
+                return run_sync(op, base, self, *args, **options)
+            # A blocking command's block time may be shortened to the deadline: op.args.
+            return run_sync(op, lambda: base(self, *op.args, **options))
+        flow = self._orr_flow(op, args, options, self._orr_decodes)
+        return drive_view(flow, op, lambda: base(self, *op.args, **options))
 
-    def _orr_write_behind(self, op: Operation, name: str, args: Any, call: Callable[[], Any]) -> Any:
-        wb = self._orr_core.write_behind
-        assert wb is not None
-        key = write_key(name, args)
-        if key is None:
-            return run_sync(op, call)
-        if wb.must_queue(key):
-            queued = wb.append(key, args, "queued_behind", self._orr_scope)
-            wb.kick()  # the entries ahead may be waiting for a replayer to notice Redis is fine
-            return queued
-        try:
-            return run_sync(op, call)
-        except RedisUnavailable as exc:
-            if not may_journal_after(exc, name):
-                raise
-            journaled = wb.append(key, args, exc.reason, self._orr_scope, after=exc)
-        wb.kick()
-        return journaled
+    def _orr_decodes(self) -> bool:
+        return bool(self.get_encoder().decode_responses)
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
         pipe = super().pipeline(transaction, shard_hint)
-        return self._orr_adopt(pipe, make_class(_pipeline_classes, PIPELINE_HOOKS, type(pipe)))
+        return self._orr_adopt(pipe, make_class(_pipeline_classes, SyncPipelineHooks, type(pipe)))
 
     def close(self) -> None:
         """Does nothing: the handle does not own the client or its pool."""
@@ -157,7 +141,6 @@ class SyncPipelineHooks:
 
 _pipeline_classes: dict[type, type] = {}
 _handle_classes: dict[type, type] = {}
-PIPELINE_HOOKS = SyncPipelineHooks
 
 
 def handle_class(client_cls: type) -> type:
@@ -167,3 +150,64 @@ def handle_class(client_cls: type) -> type:
     found = make_class(_handle_classes, SyncHandle, client_cls)
     found._orr_client_cls = client_cls  # type: ignore[attr-defined]
     return found
+
+
+def _probe(flow: ProbeFlow, client: Any) -> None:
+    """Step the probe flow in this thread until it ends."""
+    answered_at: float | None = None
+    try:
+        while True:
+            step = flow.send(answered_at)
+            answered_at = None
+            if isinstance(step, Ping):
+                token = CURRENT_ATTEMPT.set(Attempt(_monotonic() + step.timeout))
+                try:
+                    client.execute_command("PING")
+                    answered_at = _monotonic()
+                except Exception:
+                    pass
+                finally:
+                    CURRENT_ATTEMPT.reset(token)
+            else:
+                time.sleep(step.seconds)
+    except StopIteration:
+        return
+    finally:
+        flow.close()
+
+
+class SyncDriver:
+    """What ``Resilience`` does differently for a sync client, chosen once at construction."""
+
+    is_async = False
+    handle_class = staticmethod(handle_class)
+
+    def __init__(self) -> None:
+        self._probe_thread: threading.Thread | None = None
+
+    def check_with(self, asynchronous: bool) -> None:
+        """Raise TypeError for ``async with`` on a sync client's request scope."""
+        if asynchronous:
+            raise TypeError("this Resilience wraps a sync client: use `with res.request():`")
+
+    def hooked_class(self, cls: type, health_checks: bool) -> type:
+        return hooked_class(cls, is_async=False, health_checks=health_checks)
+
+    def keep_in_use(self, pool: Any, conn: Any) -> None:
+        """The sync pool's release() ignores connections it does not know: nothing to do."""
+
+    def start_write_behind(self, core: Core) -> None:
+        # A journal left by a crashed process is replayed at once, from a thread.
+        if core.write_behind is not None:
+            core.write_behind.kick()
+
+    def start_probe(self, flow: ProbeFlow, client: Any, endpoint: object) -> bool:
+        name = f"otel-redis-resilience-probe-{endpoint}"
+        thread = threading.Thread(target=_probe, args=(flow, client), name=name, daemon=True)
+        self._probe_thread = thread
+        thread.start()
+        return True
+
+    def stop_probe(self) -> None:
+        # The thread sees close()'s new generation at its next step and stops.
+        self._probe_thread = None

@@ -1,4 +1,10 @@
-"""All telemetry leaves from here: spans, span events, metrics, logs and user hooks.
+"""All telemetry leaves from ``_observe``: spans, span events, metrics, logs and user hooks.
+
+``Telemetry`` implements the decisions' ``Observer`` (``_decide/observer.py``) and
+is what the face, the fallbacks and write-behind report to. It keeps its
+per-operation state (the span and its context token) in the one slot
+``Operation.observed``. The instruments are in ``instruments.py``, the reads of
+OpenTelemetry's global state in ``providers.py``.
 
 Nothing in this module may break a Redis call: every exporter, SDK or hook
 failure is caught and logged (rate-limited).
@@ -10,20 +16,20 @@ import logging
 import sys
 import threading
 import time
-import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
-from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.metrics import _internal as _metrics_internal
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from .._decide.breaker import BreakerState, Transition
+from .._decide.commands import command_name
+from .._decide.observer import Outcome
 from .._drive.classify import error_type
 from .._errors import RedisUnavailable
+from .._version import __version__
+from . import providers
 from .events import (
     BreakerTransitioned,
     CallRejected,
@@ -34,21 +40,14 @@ from .events import (
     OperationFinished,
     RetryScheduled,
 )
-from .redact import error_message, exception_attributes, stacktrace
+from .instruments import SCHEMA_URL, SCOPE_NAME, instruments_for
+from .logs import debug_traceback, hook_name, logger
+from .redact import error_message, exception_attributes
 
 if TYPE_CHECKING:
+    from .._decide.observer import Scope
     from .._decide.operation import Operation
-    from .._scope import RequestScope
 
-logger = logging.getLogger("otel_redis_resilience")
-
-SCOPE_NAME = "otel_redis_resilience"
-SCHEMA_URL = "https://opentelemetry.io/schemas/1.28.0"
-# The database semantic conventions' advisory buckets for db.client.operation.duration.
-DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
-
-_STATES = (BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN)
-_SEVERITY = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 _OUTCOMES_DEGRADED = frozenset({"rejected", "failed", "deadline_exceeded"})
 
 
@@ -78,123 +77,14 @@ class _RateLimitedLog:
 _ratelimited = _RateLimitedLog()
 
 
-class _Instruments:
-    """The metric instruments of one meter provider, shared by every ``Resilience`` on it."""
-
-    def __init__(self, meter: metrics.Meter) -> None:
-        self.members: weakref.WeakSet[Telemetry] = weakref.WeakSet()
-        self.duration = meter.create_histogram(
-            "db.client.operation.duration",
-            unit="s",
-            description="Duration of database client operations, retries and backoff included.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self.transitions = meter.create_counter(
-            "redis.resilience.breaker.transitions",
-            unit="{transition}",
-            description="Circuit breaker state changes.",
-        )
-        self.retries = meter.create_counter(
-            "redis.resilience.retries", unit="{retry}", description="Attempts retried after a failure."
-        )
-        self.rejections = meter.create_counter(
-            "redis.resilience.rejections",
-            unit="{rejection}",
-            description="Calls short-circuited without a reply (breaker open, retry budget spent, deadline).",
-        )
-        self.fallbacks = meter.create_counter(
-            "redis.resilience.fallbacks", unit="{fallback}", description="Fallbacks served instead of Redis."
-        )
-        meter.create_observable_gauge(
-            "redis.resilience.breaker.state",
-            callbacks=[self._observe_state],
-            unit="{state}",
-            description="Circuit breaker state: 1 for the current state, 0 for the others.",
-        )
-        self.writebehind_replayed = meter.create_counter(
-            "redis.resilience.writebehind.replayed",
-            unit="{entry}",
-            description="Write-behind journal entries replayed to Redis (applied, or found already applied).",
-        )
-        self.writebehind_rejected = meter.create_counter(
-            "redis.resilience.writebehind.rejected",
-            unit="{entry}",
-            description="Write-behind writes refused because the journal was full.",
-        )
-        #: Write-behind journals, for the queue-size gauge.
-        self.writebehind_sources: weakref.WeakSet[Any] = weakref.WeakSet()
-        meter.create_observable_gauge(
-            "redis.resilience.writebehind.queue_size",
-            callbacks=[self._observe_queue],
-            unit="{entry}",
-            description="Write-behind journal entries waiting to be replayed.",
-        )
-        self.meter = meter
-
-    def _observe_queue(self, options: CallbackOptions) -> Iterable[Observation]:
-        out = []
-        for source in list(self.writebehind_sources):
-            try:
-                size = source.journal.pending_count()
-            except Exception:
-                continue
-            out.append(Observation(size, source.core.telemetry.server_attrs))
-        return out
-
-    def _observe_state(self, options: CallbackOptions) -> Iterable[Observation]:
-        # Several Resilience objects may guard one endpoint (a sync and an async
-        # client, two databases): report the worst state per endpoint, since an
-        # identical attribute set can carry only one value and an open breaker
-        # must never be hidden by a closed one.
-        worst: dict[tuple[Any, ...], tuple[int, dict[str, Any]]] = {}
-        for member in list(self.members):
-            state_fn = member.state_source
-            if state_fn is None:
-                continue
-            rank = _SEVERITY[state_fn()]
-            key = tuple(sorted(member.server_attrs.items()))
-            if key not in worst or rank > worst[key][0]:
-                worst[key] = (rank, member.server_attrs)
-        out = []
-        for rank, attrs in worst.values():
-            for state in _STATES:
-                out.append(Observation(1 if _SEVERITY[state] == rank else 0, {"state": state.value, **attrs}))
-        return out
-
-
-_registry_lock = threading.Lock()
-_registry: dict[int, tuple[Any, _Instruments]] = {}
-
-
-def _instruments_for(meter_provider: metrics.MeterProvider | None) -> _Instruments:
-    key = id(meter_provider)
-    with _registry_lock:
-        found = _registry.get(key)
-        if found is not None and found[0] is meter_provider:
-            return found[1]
-        meter = metrics.get_meter(SCOPE_NAME, _version(), meter_provider, schema_url=SCHEMA_URL)
-        inst = _Instruments(meter)
-        # Keep the provider alive with its instruments so ids are never reused under us.
-        _registry[key] = (meter_provider, inst)
-        return inst
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
 def _sanitize(args: Sequence[Any]) -> str:
     if not args:
         return ""
-    first = args[0]
-    name = first.decode() if isinstance(first, bytes) else str(first)
-    return " ".join([name.upper(), *("?" for _ in args[1:])])
+    return " ".join([command_name(args), *("?" for _ in args[1:])])
 
 
 class Telemetry:
-    """The one place telemetry is emitted for a ``Resilience``."""
+    """The one place telemetry is emitted for a ``Resilience``: the decisions' observer."""
 
     def __init__(
         self,
@@ -223,19 +113,25 @@ class Telemetry:
         self._duration_attrs: dict[tuple[str, str | None], dict[str, Any]] = {}
         self._span_attrs: dict[tuple[str, Any], dict[str, Any]] = {}
         self._explicit_mp = meter_provider is not None
-        self.instruments = _instruments_for(meter_provider)
+        self.instruments = instruments_for(meter_provider)
         self.instruments.members.add(self)
-        #: Set by the owner: returns the current BreakerState, for the state gauge.
-        self.state_source: Any = None
+        self._state_source: Callable[[], BreakerState] | None = None
+
+    def watch_state(self, source: Callable[[], BreakerState]) -> None:
+        """Report the breaker state ``source()`` returns (span attribute, state gauge)."""
+        self._state_source = source
+
+    def breaker_state(self) -> BreakerState | None:
+        """The watched breaker's state, or None before :meth:`watch_state`."""
+        source = self._state_source
+        return None if source is None else source()
 
     # -- plumbing ------------------------------------------------------------
 
     def _get_tracer(self) -> trace.Tracer | None:
         tp = self._explicit_tp
         if tp is None:
-            # The global provider once set; reading it directly avoids an environment
-            # lookup that trace.get_tracer_provider() makes on every call until then.
-            tp = getattr(trace, "_TRACER_PROVIDER", None)
+            tp = providers.tracer_provider()
             if tp is None:
                 return None
         if tp is not self._tp_seen:
@@ -244,7 +140,7 @@ class Telemetry:
                 # No SDK configured: skip span work entirely rather than make no-op spans.
                 self._tracer = None
             else:
-                self._tracer = tp.get_tracer(SCOPE_NAME, _version(), schema_url=SCHEMA_URL)
+                self._tracer = tp.get_tracer(SCOPE_NAME, __version__, schema_url=SCHEMA_URL)
         return self._tracer
 
     def _emit(self, event: Event) -> None:
@@ -256,16 +152,19 @@ class Telemetry:
 
     # -- operations ------------------------------------------------------------
 
-    def begin(self, op: Operation) -> None:
+    def on_start(self, op: Operation) -> None:
+        # Cheap pre-check first: no tracer provider, no span work at all.
+        if self._explicit_tp is None and providers.tracer_provider() is None:
+            return
         tracer = self._get_tracer()
-        if tracer is None or otel_context.get_value(_SUPPRESS_INSTRUMENTATION_KEY):
+        if tracer is None or providers.suppressed():
             return
         scope = op.scope
         if scope is not None and scope.summary_span is None:
             current = trace.get_current_span()
             scope.summary_span = current if current.is_recording() else False
         try:
-            state = self.state_source() if self.state_source is not None else None
+            state = self.breaker_state()
             key = (op.name, state)
             base = self._span_attrs.get(key)
             if base is None:
@@ -287,16 +186,17 @@ class Telemetry:
                 else:
                     text = _sanitize(op.args)
                 span.set_attribute("db.query.text", text)
-            op.span = span
-            op.token = otel_context.attach(trace.set_span_in_context(span))
+            op.observed = (span, otel_context.attach(trace.set_span_in_context(span)))
         except Exception:
             _log_telemetry_failure()
 
-    def retry(self, op: Operation, delay: float, exc: BaseException) -> None:
+    def on_retry(self, op: Operation, delay: float, error: BaseException) -> None:
+        exc = error
         etype = error_type(exc)
         try:
-            span = op.span
-            if span is not None and span.is_recording():
+            observed = op.observed
+            if observed is not None and observed[0].is_recording():
+                span = observed[0]
                 span.add_event(
                     "redis.resilience.retry",
                     {
@@ -313,34 +213,30 @@ class Telemetry:
         if self.hooks:
             self._emit(RetryScheduled(self.endpoint, op.name, op.attempts, delay, etype, error_message(exc)))
 
-    def rejected(self, op: Operation, reason: str) -> None:
+    def on_rejected(self, op: Operation, reason: str) -> None:
         if op.scope is not None:
             op.scope.rejections += 1
         try:
-            span = op.span
-            if span is not None and span.is_recording():
-                span.add_event("redis.resilience.rejected", {"redis.resilience.reason": reason})
+            observed = op.observed
+            if observed is not None and observed[0].is_recording():
+                observed[0].add_event("redis.resilience.rejected", {"redis.resilience.reason": reason})
             self.instruments.rejections.add(1, {"reason": reason, **self.server_attrs})
         except Exception:
             _log_telemetry_failure()
         if self.hooks:
             self._emit(CallRejected(self.endpoint, op.name, reason))
 
-    def may_trace(self) -> bool:
-        """Cheap pre-check: False when no tracer provider can record spans."""
-        return self._explicit_tp is not None or getattr(trace, "_TRACER_PROVIDER", None) is not None
-
     def _metrics_on(self) -> bool:
-        if self._explicit_mp:
-            return True
         # No SDK meter provider set (yet): the API's instruments would do nothing.
-        return getattr(_metrics_internal, "_METER_PROVIDER", True) is not None
+        return self._explicit_mp or providers.meter_provider_set()
 
-    def finish(self, op: Operation, outcome: str, exc: BaseException | None, now: float) -> None:
+    def on_finish(self, op: Operation, outcome: Outcome, error: BaseException | None, now: float) -> None:
+        exc = error
         scope = op.scope
         if scope is not None:
             scope.operations += 1
-        if exc is None and op.span is None and not self.hooks and not self._metrics_on():
+        observed = op.observed
+        if exc is None and observed is None and not self.hooks and not self._metrics_on():
             if scope is not None and scope.summary_span:
                 self.summarize(scope)
             return
@@ -360,11 +256,10 @@ class Telemetry:
                 etype,
             )
         try:
-            span = op.span
-            if span is not None:
-                if op.token is not None:
-                    otel_context.detach(op.token)
-                    op.token = None
+            if observed is not None:
+                span, token = observed
+                op.observed = None
+                otel_context.detach(token)
                 if span.is_recording():
                     end_attrs: dict[str, Any] = {
                         "redis.resilience.attempts": op.attempts,
@@ -382,7 +277,6 @@ class Telemetry:
                             # command's arguments (see _redact).
                             span.add_event("exception", exception_attributes(exc))
                 span.end()
-                op.span = None
             key = (op.name, etype)
             attrs = self._duration_attrs.get(key)
             if attrs is None:
@@ -404,7 +298,7 @@ class Telemetry:
 
     # -- breaker ---------------------------------------------------------------
 
-    def transitions(self, moved: Sequence[Transition]) -> None:
+    def on_transitions(self, moved: Sequence[Transition]) -> None:
         for t in moved:
             level = logging.WARNING if t.new is BreakerState.OPEN else logging.INFO
             logger.log(
@@ -437,7 +331,7 @@ class Telemetry:
     # -- fallbacks and request scopes --------------------------------------------
 
     def fallback(
-        self, operation: str, kind: str, reason: str, scope: RequestScope | None, *, stale: bool = False
+        self, operation: str, kind: str, reason: str, scope: Scope | None, *, stale: bool = False
     ) -> None:
         try:
             span = trace.get_current_span()
@@ -468,7 +362,7 @@ class Telemetry:
         if self.hooks:
             self._emit(FallbackUsed(self.endpoint, operation, kind, reason))
 
-    def journaled(self, operation: str, reason: str, scope: RequestScope | None) -> None:
+    def journaled(self, operation: str, reason: str, scope: Scope | None) -> None:
         """A write was journaled for write-behind instead of applied now."""
         self.fallback(operation, "write_behind", reason, scope)
 
@@ -485,7 +379,7 @@ class Telemetry:
                 self.endpoint,
                 error_type(failure),
             )
-            _debug_traceback("write-behind replay failure", failure)
+            debug_traceback("write-behind replay failure", failure)
         tracer = self._get_tracer()
         if tracer is None:
             return
@@ -510,7 +404,7 @@ class Telemetry:
             _log_telemetry_failure()
 
     @staticmethod
-    def summarize(scope: RequestScope) -> None:
+    def summarize(scope: Scope) -> None:
         """Write the request summary on the server span.
 
         Written after every operation and fallback rather than once at the end,
@@ -531,41 +425,18 @@ class Telemetry:
             _log_telemetry_failure()
 
 
-def _debug_traceback(msg: str, exc: BaseException | None) -> None:
-    """``logger.debug(msg, exc_info=exc)``, with the traceback redacted.
-
-    A plain exc_info traceback ends with the exception's message (and its chained
-    exceptions'), which may quote a key or a value. Handlers that print ``exc_text`` (the
-    standard Formatter does) show the redacted one.
-    """
-    if exc is None or not logger.isEnabledFor(logging.DEBUG):
-        return
-    record = logger.makeRecord(logger.name, logging.DEBUG, __file__, 0, msg, (), None)
-    record.exc_text = stacktrace(exc).rstrip("\n")
-    logger.handle(record)
-
-
-def _hook_name(hook: object) -> str:
-    # Not repr(): a partial or a configured object shows its arguments, credentials included.
-    name = getattr(hook, "__qualname__", None)
-    if not isinstance(name, str):
-        name = type(hook).__qualname__
-    module = getattr(hook, "__module__", None) or type(hook).__module__
-    return f"{module}.{name}" if isinstance(module, str) else name
-
-
 def _log_hook_failure(hook: object) -> None:
     _ratelimited(
         f"hook:{id(hook)}",
         logging.ERROR,
         "otel_redis_resilience hook %s raised; the Redis call is not affected",
-        _hook_name(hook),
+        hook_name(hook),
     )
-    _debug_traceback("hook failure", sys.exc_info()[1])
+    debug_traceback("hook failure", sys.exc_info()[1])
 
 
 def _log_telemetry_failure() -> None:
     _ratelimited(
         "telemetry", logging.ERROR, "otel_redis_resilience telemetry failed; the Redis call is not affected"
     )
-    _debug_traceback("telemetry failure", sys.exc_info()[1])
+    debug_traceback("telemetry failure", sys.exc_info()[1])

@@ -18,10 +18,9 @@ from ._observe.events import (
 from ._resilience import RequestContext, Resilience
 from ._scope import NoActiveRequest, RequestScope, ScopeClosedError, current_redis, current_scope
 from ._testing import is_testing, set_testing
+from ._version import __version__ as __version__
 from ._writebehind.store import JournalCorruptError, JournalError, JournalFullError
 from ._writebehind.writebehind import WRITE_BEHIND_COMMANDS, Journaled, WriteBehindConfig, WriteBehindError
-
-__version__ = "0.1.0"
 
 __all__ = [
     "COMMAND_TABLE",

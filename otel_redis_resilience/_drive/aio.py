@@ -17,13 +17,13 @@ from typing import Any, TypeVar
 import redis.asyncio
 
 from .._decide.commands import command_name
-from .._decide.operation import RERAISE, GiveUp, Operation
+from .._decide.operation import GiveUp, Operation
 from .._handle import HandleBase, make_class, pipeline_operation
 from .._scope import RequestScope, scope_closed_error
 from .connection import hooked_class
 from .context import CURRENT_ATTEMPT, Attempt
-from .core import Core, next_timeout, retry_delay, unavailable
-from .flows import Journal, Ping, ProbeFlow, ViewFlow
+from .core import Core, after_failure, next_timeout, unavailable
+from .flows import Journal, Ping, ProbeFlow, Stepper, ViewFlow
 
 T = TypeVar("T")
 _monotonic = time.monotonic
@@ -119,9 +119,8 @@ async def run_async(op: Operation, call: Callable[..., Awaitable[T]], *args: Any
                     # withdraw our request, as asyncio.timeout does.
                     task.uncancel()
         except BaseException as exc:
-            CURRENT_ATTEMPT.reset(token)
-            delay = retry_delay(op, exc, attempt.sent)
-            if delay == RERAISE:
+            delay = after_failure(op, exc, attempt, token)
+            if delay is None:
                 raise
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -134,23 +133,21 @@ async def run_async(op: Operation, call: Callable[..., Awaitable[T]], *args: Any
 
 async def drive_view(flow: ViewFlow, op: Operation, call: Callable[[], Awaitable[Any]]) -> Any:
     """Perform a view's steps: await the attempts, or journal in a worker thread (the append fsyncs)."""
-    try:
-        step = next(flow)
-        while True:
-            try:
-                if not isinstance(step, Journal):
-                    reply = await run_async(op, call)
-                else:
-                    j = step
-                    reply = await asyncio.to_thread(
-                        j.wb.append, j.key, j.args, j.reason, j.scope, after=j.after
-                    )
-            except Exception as exc:
-                step = flow.throw(exc)
+    stepper = Stepper(flow)
+    while stepper.running:
+        step = stepper.step
+        try:
+            if not isinstance(step, Journal):
+                reply = await run_async(op, call)
             else:
-                step = flow.send(reply)
-    except StopIteration as done:
-        return done.value
+                reply = await asyncio.to_thread(
+                    step.wb.append, step.key, step.args, step.reason, step.scope, after=step.after
+                )
+        except Exception as exc:
+            stepper.throw(exc)
+        else:
+            stepper.send(reply)
+    return stepper.value
 
 
 class AsyncHandle(HandleBase, redis.asyncio.Redis):  # type: ignore[misc]  # redis-py's own stubs clash

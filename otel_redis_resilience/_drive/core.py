@@ -7,7 +7,7 @@ journal (kicked when the breaker leaves open), and what a fork resets. One per
 ``Resilience``; shared by every thread and task using it.
 
 It also holds what both attempt loops do around the decisions after a failure
-(``retry_delay``, ``next_timeout``): sort the error at the I/O boundary, read the
+(``after_failure``, ``next_timeout``): sort the error at the I/O boundary, read the
 clock, and turn a :class:`GiveUp` verdict into the ``RedisUnavailable`` the caller
 gets (:func:`unavailable`), since the decisions may not build a redis-py exception.
 """
@@ -17,14 +17,16 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextvars import Token
 from typing import TYPE_CHECKING
 
 from .._decide.config import BreakerPolicy, RetryPolicy
-from .._decide.operation import GiveUp, Operation
+from .._decide.operation import RERAISE, GiveUp, Operation
 from .._decide.shared import Shared
 from .._errors import RedisUnavailable
 from .._observe.events import Endpoint
 from .classify import classify, error_code
+from .context import CURRENT_ATTEMPT, Attempt
 
 if TYPE_CHECKING:
     from .._fallback import LastKnownGood
@@ -85,15 +87,19 @@ def unavailable(op: Operation, verdict: GiveUp, cause: BaseException | None) -> 
     return err
 
 
-def retry_delay(op: Operation, exc: BaseException, sent: bool) -> float:
-    """After a failed attempt: seconds to wait before the next, :data:`RERAISE`, or raise the verdict.
+def after_failure(
+    op: Operation, exc: BaseException, attempt: Attempt, token: Token[Attempt | None]
+) -> float | None:
+    """End a failed attempt: seconds to wait before the next, None to re-raise ``exc`` as is,
+    or raise the verdict.
 
     Called inside the driver's ``except`` block, so a verdict chains ``exc`` as its context too.
     """
-    delay = op.failed(classify(exc), error_code(exc), exc, sent, _monotonic())
+    CURRENT_ATTEMPT.reset(token)
+    delay = op.failed(classify(exc), error_code(exc), exc, attempt.sent, _monotonic())
     if isinstance(delay, GiveUp):
         raise unavailable(op, delay, exc)
-    return delay
+    return None if delay == RERAISE else delay
 
 
 def next_timeout(op: Operation, last: BaseException) -> float | None:

@@ -64,6 +64,37 @@ ViewFlow: TypeAlias = Generator[ViewStep, Any, Any]
 ProbeFlow: TypeAlias = Generator[Sleep | Ping, float | None, None]
 
 
+class Stepper:
+    """Steps a view flow: the generator protocol (send, throw, the return value), written once.
+
+    A driver loops ``while stepper.running``, performs ``stepper.step``, and hands
+    back the result with :meth:`send` or the error with :meth:`throw`; then returns
+    ``stepper.value``.
+    """
+
+    __slots__ = ("_flow", "running", "step", "value")
+
+    def __init__(self, flow: ViewFlow) -> None:
+        self._flow = flow
+        self.running = True
+        self.step: ViewStep = RUN
+        self.value: Any = None
+        self._resume(flow.send, None)
+
+    def send(self, reply: Any) -> None:
+        self._resume(self._flow.send, reply)
+
+    def throw(self, error: Exception) -> None:
+        self._resume(self._flow.throw, error)
+
+    def _resume(self, how: Callable[[Any], ViewStep], arg: Any) -> None:
+        try:
+            self.step = how(arg)
+        except StopIteration as done:
+            self.running = False
+            self.value = done.value
+
+
 def view_flow(
     core: Core,
     mode: int,

@@ -14,13 +14,13 @@ from typing import Any, TypeVar
 import redis
 
 from .._decide.commands import command_name
-from .._decide.operation import RERAISE, GiveUp, Operation
+from .._decide.operation import GiveUp, Operation
 from .._handle import HandleBase, make_class, pipeline_operation
 from .._scope import RequestScope, scope_closed_error
 from .connection import hooked_class
 from .context import CURRENT_ATTEMPT, Attempt
-from .core import Core, next_timeout, retry_delay, unavailable
-from .flows import Journal, Ping, ProbeFlow, ViewFlow
+from .core import Core, after_failure, next_timeout, unavailable
+from .flows import Journal, Ping, ProbeFlow, Stepper, ViewFlow
 
 T = TypeVar("T")
 _monotonic = time.monotonic
@@ -37,9 +37,8 @@ def run_sync(op: Operation, call: Callable[..., T], *args: Any, **kwargs: Any) -
         try:
             result = call(*args, **kwargs)
         except BaseException as exc:
-            CURRENT_ATTEMPT.reset(token)
-            delay = retry_delay(op, exc, attempt.sent)
-            if delay == RERAISE:
+            delay = after_failure(op, exc, attempt, token)
+            if delay is None:
                 raise
             if delay > 0:
                 time.sleep(delay)
@@ -52,20 +51,19 @@ def run_sync(op: Operation, call: Callable[..., T], *args: Any, **kwargs: Any) -
 
 def drive_view(flow: ViewFlow, op: Operation, call: Callable[[], Any]) -> Any:
     """Perform a view's steps: run the attempts, or journal (the append fsyncs: it blocks)."""
-    try:
-        step = next(flow)
-        while True:
-            try:
-                if isinstance(step, Journal):
-                    reply = step.wb.append(step.key, step.args, step.reason, step.scope, after=step.after)
-                else:
-                    reply = run_sync(op, call)
-            except Exception as exc:
-                step = flow.throw(exc)
+    stepper = Stepper(flow)
+    while stepper.running:
+        step = stepper.step
+        try:
+            if isinstance(step, Journal):
+                reply = step.wb.append(step.key, step.args, step.reason, step.scope, after=step.after)
             else:
-                step = flow.send(reply)
-    except StopIteration as done:
-        return done.value
+                reply = run_sync(op, call)
+        except Exception as exc:
+            stepper.throw(exc)
+        else:
+            stepper.send(reply)
+    return stepper.value
 
 
 class SyncHandle(HandleBase, redis.Redis):

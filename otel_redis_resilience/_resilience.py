@@ -196,7 +196,7 @@ class Resilience:
         # Inside an attempt its own bound replaces the client's socket_timeout (sync:
         # DeadlineSocket; asyncio: the watchdog, the hooked connection reading its
         # socket_timeout as None); everywhere else the client keeps it (see
-        # _connection). So with attempt_timeout=None the client's socket_timeout
+        # _drive/connection.py). So with attempt_timeout=None the client's socket_timeout
         # becomes the attempt's bound, and "None" still means "the client's". The
         # pool's kwargs are left as they are: a second Resilience finds the same value.
         socket_timeout = pool.connection_kwargs.get("socket_timeout")

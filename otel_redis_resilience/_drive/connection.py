@@ -312,7 +312,7 @@ def _attempt_socket_timeout(cls: type) -> property:
 
     redis-py's asyncio reads and writes take their timeout from this attribute.
     Inside an attempt the library bounds the whole attempt by cancelling it at
-    its deadline (``_async``'s watchdog), so redis-py's own timeouts must stay
+    its deadline (the watchdog in ``aio.py``), so redis-py's own timeouts must stay
     out of the way there: its writes would go through ``asyncio.wait_for``
     (an extra task per command, and on 3.11 it can swallow the cancellation,
     CPython gh-86296), and a shorter per-read timeout would cut the attempt

@@ -58,7 +58,11 @@ class CallRejected:
 
 @dataclass(frozen=True, slots=True)
 class OperationFinished:
-    """A logical operation ended (``outcome``: ok, retried, rejected, failed, deadline_exceeded, error).
+    """A logical operation ended.
+
+    ``outcome``: ok, retried, rejected, failed, deadline_exceeded, error (an error
+    reply or another caller error, raised unchanged), or cancelled (the task was
+    cancelled, or KeyboardInterrupt).
 
     On failure ``error_message`` is the redacted text also recorded on the span's
     ``exception`` event (``"ERR unknown command"``, ``"WRONGTYPE Operation against a key

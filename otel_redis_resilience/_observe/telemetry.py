@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind
 
 from .._decide.breaker import BreakerState, Transition
-from .._decide.commands import command_name
 from .._decide.observer import Outcome
 from .._drive.classify import error_type
 from .._errors import RedisUnavailable
@@ -42,7 +41,8 @@ from .events import (
 )
 from .instruments import SCHEMA_URL, SCOPE_NAME, instruments_for
 from .logs import debug_traceback, hook_name, logger
-from .redact import error_message, exception_attributes
+from .redact import error_message
+from .spans import end_operation_span, replay_span, statement, write_summary
 
 if TYPE_CHECKING:
     from .._decide.observer import Scope
@@ -75,12 +75,6 @@ class _RateLimitedLog:
 
 
 _ratelimited = _RateLimitedLog()
-
-
-def _sanitize(args: Sequence[Any]) -> str:
-    if not args:
-        return ""
-    return " ".join([command_name(args), *("?" for _ in args[1:])])
 
 
 class Telemetry:
@@ -181,11 +175,7 @@ class Telemetry:
                 base = {**base, "db.operation.batch.size": len(op.pipeline)}
             span = tracer.start_span(op.name, kind=SpanKind.CLIENT, attributes=base)
             if self.capture_statement and span.is_recording():
-                if op.pipeline is not None:
-                    text = "; ".join(_sanitize(c) for c, _ in op.pipeline)[:2048]
-                else:
-                    text = _sanitize(op.args)
-                span.set_attribute("db.query.text", text)
+                span.set_attribute("db.query.text", statement(op))
             op.observed = (span, otel_context.attach(trace.set_span_in_context(span)))
         except Exception:
             _log_telemetry_failure()
@@ -260,23 +250,7 @@ class Telemetry:
                 span, token = observed
                 op.observed = None
                 otel_context.detach(token)
-                if span.is_recording():
-                    end_attrs: dict[str, Any] = {
-                        "redis.resilience.attempts": op.attempts,
-                        "redis.resilience.outcome": outcome,
-                    }
-                    if exc is not None and outcome != "cancelled":
-                        end_attrs["error.type"] = etype or ""
-                        if outcome == "error" and etype and etype.isupper():
-                            end_attrs["db.response.status_code"] = etype
-                    span.set_attributes(end_attrs)
-                    if exc is not None and outcome != "cancelled":
-                        span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-                        if outcome != "rejected":
-                            # Not span.record_exception: its message and traceback quote the
-                            # command's arguments (see _redact).
-                            span.add_event("exception", exception_attributes(exc))
-                span.end()
+                end_operation_span(span, op.attempts, outcome, exc, etype)
             key = (op.name, etype)
             attrs = self._duration_attrs.get(key)
             if attrs is None:
@@ -384,43 +358,15 @@ class Telemetry:
         if tracer is None:
             return
         try:
-            span = tracer.start_span(
-                "redis.resilience.writebehind.replay", kind=SpanKind.INTERNAL, start_time=started_ns
-            )
-            if span.is_recording():
-                attrs = dict(self._span_base)
-                if totals is not None:
-                    attrs["redis.resilience.writebehind.applied"] = totals.applied
-                    attrs["redis.resilience.writebehind.duplicates"] = totals.duplicates
-                    attrs["redis.resilience.writebehind.dead"] = totals.dead
-                    attrs["redis.resilience.writebehind.remaining"] = totals.remaining
-                error = failure if totals is None else totals.error
-                if error is not None:
-                    attrs["error.type"] = error_type(error)
-                    span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-                span.set_attributes(attrs)
-            span.end()
+            replay_span(tracer, self._span_base, totals, started_ns, failure)
         except Exception:
             _log_telemetry_failure()
 
     @staticmethod
     def summarize(scope: Scope) -> None:
-        """Write the request summary on the server span.
-
-        Written after every operation and fallback rather than once at the end,
-        so it is right whatever order the framework instrumentation and our
-        middleware tear down in.
-        """
-        span = scope.summary_span
+        """Write the request summary on the server span (see ``spans.write_summary``)."""
         try:
-            if span and span.is_recording():
-                span.set_attributes(
-                    {
-                        "redis.resilience.operations": scope.operations,
-                        "redis.resilience.fallbacks": scope.fallbacks,
-                        "redis.resilience.degraded": scope.degraded,
-                    }
-                )
+            write_summary(scope)
         except Exception:
             _log_telemetry_failure()
 

@@ -19,8 +19,20 @@ from ._resilience import RequestContext, Resilience
 from ._scope import NoActiveRequest, RequestScope, ScopeClosedError, current_redis, current_scope
 from ._testing import is_testing, set_testing
 from ._version import __version__ as __version__
-from ._writebehind.store import JournalCorruptError, JournalError, JournalFullError
-from ._writebehind.writebehind import WRITE_BEHIND_COMMANDS, Journaled, WriteBehindConfig, WriteBehindError
+from ._writebehind import (
+    WRITE_BEHIND_COMMANDS,
+    DeadLetter,
+    JournalCorruptError,
+    Journaled,
+    JournalError,
+    JournalFullError,
+    LeaseLostError,
+    ReplayProtocolError,
+    ReplayStalledError,
+    WriteBehindConfig,
+    WriteBehindError,
+    WriteBehindJournal,
+)
 
 __all__ = [
     "COMMAND_TABLE",
@@ -34,6 +46,7 @@ __all__ = [
     "CallRejected",
     "CommandSafety",
     "ConfigurationError",
+    "DeadLetter",
     "Endpoint",
     "Event",
     "FallbackUsed",
@@ -43,9 +56,12 @@ __all__ = [
     "JournalFullError",
     "Journaled",
     "LastKnownGoodPolicy",
+    "LeaseLostError",
     "NoActiveRequest",
     "OperationFinished",
     "RedisUnavailable",
+    "ReplayProtocolError",
+    "ReplayStalledError",
     "RequestContext",
     "RequestScope",
     "Resilience",
@@ -55,6 +71,7 @@ __all__ = [
     "Transition",
     "WriteBehindConfig",
     "WriteBehindError",
+    "WriteBehindJournal",
     "current_redis",
     "current_scope",
     "is_testing",

@@ -27,7 +27,7 @@ from ._fallback import _MISSING, LastKnownGood, LastKnownGoodPolicy, make_fallba
 from ._observe.events import Endpoint, Hook
 from ._observe.telemetry import Telemetry
 from ._scope import RequestScope, enter, leave
-from ._writebehind.writebehind import WriteBehind, WriteBehindConfig
+from ._writebehind import WriteBehind, WriteBehindConfig, WriteBehindJournal
 
 _all_cores: weakref.WeakSet[Core] = weakref.WeakSet()
 
@@ -218,8 +218,12 @@ class Resilience:
     # -- public API ---------------------------------------------------------------
 
     @property
-    def write_behind_journal(self) -> Any:
-        """The write-behind :class:`Journal` (``pending_count()``, ``dead_entries()``...), or None."""
+    def write_behind_journal(self) -> WriteBehindJournal | None:
+        """The write-behind journal's operator view, or None without write-behind.
+
+        :class:`WriteBehindJournal`: ``pending_count()``, ``oldest_entry_age()``,
+        ``dead_entries()`` and ``wait_drained(timeout)``.
+        """
         wb = self._core.write_behind
         return None if wb is None else wb.journal
 

@@ -365,3 +365,30 @@ def miss_reply(name: str, args: Sequence[Any], *, decode: bool = False) -> Any:
     if kind == "nil_per_key":
         return [None] * (len(args) - 1)
     return [0 if kind == "zero_per_field" else None] * (len(args) - 2)
+
+
+#: Single-key write commands that can be written behind (the key is the first argument).
+WRITE_BEHIND_COMMANDS: frozenset[str] = frozenset(
+    """
+    SET SETEX PSETEX SETNX SETRANGE SETBIT APPEND INCR INCRBY INCRBYFLOAT DECR DECRBY GETDEL
+    LPUSH RPUSH LPUSHX RPUSHX LREM LSET LTRIM HSET HMSET HSETNX HDEL HINCRBY HINCRBYFLOAT
+    SADD SREM ZADD ZREM ZINCRBY ZREMRANGEBYSCORE ZREMRANGEBYLEX ZREMRANGEBYRANK
+    DEL UNLINK EXPIRE PEXPIRE EXPIREAT PEXPIREAT PERSIST XADD XDEL XTRIM PFADD GEOADD
+    """.split()
+)
+# Of those, the ones that take several keys: written behind only with one.
+_MULTI_KEY_WRITES = frozenset({"DEL", "UNLINK"})
+
+
+def journal_key(name: str, args: Sequence[Any]) -> tuple[Any, str | None]:
+    """(the key a write-behind command writes, None) or (None, what is wrong); (None, None) for a read."""
+    if name in READ_COMMANDS:
+        return None, None
+    if name not in WRITE_BEHIND_COMMANDS:
+        return None, (
+            f"write_behind() takes single-key write commands; {name} is not one "
+            "(use the plain handle for reads, scripts and multi-key commands)"
+        )
+    if len(args) < 2 or (name in _MULTI_KEY_WRITES and len(args) > 2):
+        return None, f"write_behind() takes single-key writes; this {name} names {len(args) - 1} keys"
+    return args[1], None

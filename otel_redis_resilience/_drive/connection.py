@@ -8,6 +8,8 @@ a resilient handle behave exactly as before.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import select
 import socket
 import time
@@ -240,14 +242,32 @@ class AsyncConnectionHooks:
         # first; the reconnect is part of the attempt, so its deadline bounds it (the
         # watchdog cancels it) and the handshake does not mark the command sent.
         # Outside an attempt, redis-py's behaviour is left as it is.
+        #
+        # A connection opened on another event loop (an app whose lifespan ran twice,
+        # as two `with TestClient(app):` sessions do) cannot be used from this one, nor
+        # closed through its transport: abandon it and connect afresh, the same way.
         reader = self._reader
-        if reader is not None and _dead(reader, self._writer) and CURRENT_ATTEMPT.get() is not None:
-            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
-            await self.connect()  # type: ignore[attr-defined]
+        if reader is not None and CURRENT_ATTEMPT.get() is not None:
+            if self._orr_loop is not asyncio.get_running_loop():
+                self._abandon()
+                await self.connect()  # type: ignore[attr-defined]
+            elif _dead(reader, self._writer):
+                await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+                await self.connect()  # type: ignore[attr-defined]
         return await super().can_read()  # type: ignore[misc,no-any-return]
+
+    _orr_loop: asyncio.AbstractEventLoop | None = None
+
+    def _abandon(self) -> None:
+        writer = self._writer
+        with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+            writer.close()
+        self._writer = self._reader = None
+        self._parser.on_disconnect()  # type: ignore[attr-defined]
 
     async def _connect(self) -> None:
         await super()._connect()  # type: ignore[misc]
+        self._orr_loop = asyncio.get_running_loop()
         if self._writer is not None and not isinstance(self._writer, TrackingWriter):
             self._writer = TrackingWriter(self._writer)
 

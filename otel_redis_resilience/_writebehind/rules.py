@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from .._decide.commands import IDEMPOTENT_WRITES, READ_COMMANDS
+from .._decide.commands import IDEMPOTENT_WRITES, WRITE_BEHIND_COMMANDS, journal_key
 from .errors import WriteBehindError
 
 __all__ = [
@@ -31,16 +31,6 @@ __all__ = [
     "write_key",
 ]
 
-#: Single-key write commands that can be written behind (the key is the first argument).
-WRITE_BEHIND_COMMANDS: frozenset[str] = frozenset(
-    """
-    SET SETEX PSETEX SETNX SETRANGE SETBIT APPEND INCR INCRBY INCRBYFLOAT DECR DECRBY GETDEL
-    LPUSH RPUSH LPUSHX RPUSHX LREM LSET LTRIM HSET HMSET HSETNX HDEL HINCRBY HINCRBYFLOAT
-    SADD SREM ZADD ZREM ZINCRBY ZREMRANGEBYSCORE ZREMRANGEBYLEX ZREMRANGEBYRANK
-    DEL UNLINK EXPIRE PEXPIRE EXPIREAT PEXPIREAT PERSIST XADD XDEL XTRIM PFADD GEOADD
-    """.split()
-)
-_MULTI_KEY_CAPABLE: Final = frozenset({"DEL", "UNLINK"})
 
 #: Seconds one replay batch may take before it is abandoned (and retried later).
 BATCH_DEADLINE: Final = 10.0
@@ -60,18 +50,10 @@ LEASE_POLL: Final = 0.5
 
 def write_key(name: str, args: Sequence[Any]) -> Any:
     """The key a write-behind command writes; None for a read; else :class:`WriteBehindError`."""
-    if name in READ_COMMANDS:
-        return None
-    if name not in WRITE_BEHIND_COMMANDS:
-        raise WriteBehindError(
-            f"write_behind() takes single-key write commands; {name} is not one "
-            "(use the plain handle for reads, scripts and multi-key commands)"
-        )
-    if len(args) < 2 or (name in _MULTI_KEY_CAPABLE and len(args) > 2):
-        raise WriteBehindError(
-            f"write_behind() takes single-key writes; this {name} names {len(args) - 1} keys"
-        )
-    return args[1]
+    key, problem = journal_key(name, args)
+    if problem is not None:
+        raise WriteBehindError(problem)
+    return key
 
 
 class _Failure(Protocol):

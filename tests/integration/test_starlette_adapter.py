@@ -542,9 +542,10 @@ def write_app(framework: str, res: Resilience, closer: str = "middleware") -> An
     """An app whose POST /w?v=... writes behind, as Starlette or as FastAPI.
 
     The client is closed at lifespan shutdown by ``closer``: the middleware when asked
-    (``close_client=True``) or the app's own lifespan (it owns the client). redis.asyncio's
-    connections belong to the event loop that opened them, and each TestClient session runs
-    its own loop.
+    (``close_client=True``), the app's own lifespan (it owns the client), or nobody.
+    redis.asyncio's connections belong to the event loop that opened them, and each
+    TestClient session runs its own loop: the handle replaces a pooled connection of another
+    loop before an attempt uses it.
     """
 
     async def write(request: Request) -> JSONResponse:
@@ -578,7 +579,7 @@ def write_app(framework: str, res: Resilience, closer: str = "middleware") -> An
     return app
 
 
-@pytest.mark.parametrize("closer", ["middleware", "app"])
+@pytest.mark.parametrize("closer", ["middleware", "app", "nobody"])
 @pytest.mark.parametrize("framework", ["starlette", "fastapi"])
 def test_two_testclient_sessions_in_a_row_with_write_behind_and_an_outage(
     clean_redis: RedisServer, framework: str, closer: str

@@ -16,6 +16,9 @@ What it offers:
 - :class:`FaultProxy` (modes :data:`ProxyMode`): a TCP proxy between a client and a server
   that adds latency, blackholes, resets, refuses, or drops replies after the command ran,
   switched at runtime.
+- :class:`RedisClusterBed` (:mod:`testbed.cluster`): a real Redis Cluster on loopback
+  (3 primaries, a replica each, joined by ``redis-cli --cluster create``): kill, pause,
+  restart nodes, wait for a promotion, reshard a slot live, put the layout back.
 - :mod:`testbed.server_states`: servers put into each error-reply state (LOADING, BUSY,
   READONLY, OOM, ... :data:`~testbed.server_states.STATES`), imported on its own.
 - :func:`find_free_port`, :func:`redis_server_binary`, :func:`pdeathsig_prefix` (the
@@ -25,6 +28,7 @@ It is importable from the project's virtualenv (``scripts/bootstrap``), whose ed
 install puts the checkout on ``sys.path``: no ``sys.path`` patching anywhere.
 """
 
+from testbed.cluster import ClusterNodeInfo, RedisClusterBed, redis_cli_binary
 from testbed.proxy import FaultProxy, ProxyMode
 from testbed.redis_server import (
     RedisServer,
@@ -35,11 +39,14 @@ from testbed.redis_server import (
 )
 
 __all__ = [
+    "ClusterNodeInfo",
     "FaultProxy",
     "ProxyMode",
+    "RedisClusterBed",
     "RedisServer",
     "RedisServerError",
     "find_free_port",
     "pdeathsig_prefix",
+    "redis_cli_binary",
     "redis_server_binary",
 ]

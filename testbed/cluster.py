@@ -503,7 +503,7 @@ class RedisClusterBed:
         problems: list[str] = []
         live = self.live_nodes()
         live_ids = {self._ids[s.port] for s in live}
-        views: dict[int, dict[int, str]] = {}
+        views: dict[int, frozenset[tuple[str, bool, str | None, frozenset[int]]]] = {}
         for s in live:
             a = self._admin_for(s)
             try:
@@ -520,20 +520,19 @@ class RedisClusterBed:
             for n in nodes:
                 if n.node_id in live_ids and n.failed:
                     problems.append(f"{s.port} sees {n.port} as {','.join(sorted(n.flags))}")
-            views[s.port] = {slot: n.node_id for n in nodes for slot in n.slots}
+            views[s.port] = frozenset((n.node_id, n.is_primary, n.master_id, n.slots) for n in nodes)
             me = next((n for n in nodes if "myself" in n.flags), None)
             is_replica = me is not None and me.master_id is not None and me.master_id in live_ids
             if is_replica and not self._link_up(s):
                 problems.append(f"{s.port}: replica link to its primary not up")
-        distinct = {tuple(sorted(v.items())) for v in views.values()}
-        if len(distinct) > 1:
-            problems.append("live nodes disagree about slot owners")
+        if len(set(views.values())) > 1:
+            problems.append("live nodes disagree about slot owners or who follows whom")
         return problems
 
     def wait_healthy(self, timeout: float = 15.0) -> None:
         """Wait until every live node says ``cluster_state:ok`` with all 16384 slots ok, no
-        live node is flagged failed by another, all agree on the slot owners, and every
-        live replica of a live primary has its replication link up."""
+        live node is flagged failed by another, all agree on the slot owners and on who
+        follows whom, and every live replica of a live primary has its replication link up."""
         deadline = time.monotonic() + timeout
         while True:
             problems = self._health_problems()

@@ -73,6 +73,7 @@ class ClusterNodeInfo:
     master_id: str | None  # the primary a replica follows; None for a primary
     link: str  # "connected" / "disconnected"
     slots: frozenset[int]  # slots this node serves (importing/migrating markers left out)
+    open_slots: frozenset[int] = frozenset()  # slots this node is importing or migrating
 
     @property
     def is_primary(self) -> bool:
@@ -95,8 +96,10 @@ def parse_cluster_nodes(text: str) -> list[ClusterNodeInfo]:
         hostport = addr.split("@", 1)[0]
         host, _, port = hostport.rpartition(":")
         slots: set[int] = set()
+        open_slots: set[int] = set()
         for item in parts[8:]:
             if item.startswith("["):  # [slot->-id] migrating / [slot-<-id] importing
+                open_slots.add(int(item[1:].split("-", 1)[0]))
                 continue
             lo, _, hi = item.partition("-")
             slots.update(range(int(lo), int(hi or lo) + 1))
@@ -109,6 +112,7 @@ def parse_cluster_nodes(text: str) -> list[ClusterNodeInfo]:
                 master_id=None if master == "-" else master,
                 link=parts[7],
                 slots=frozenset(slots),
+                open_slots=frozenset(open_slots),
             )
         )
     return out
@@ -153,6 +157,8 @@ class RedisClusterBed:
         self._admin_lock = threading.Lock()
         self._clients: list[redis.cluster.RedisCluster] = []
         self._initial_slots: dict[int, str] = {}  # slot -> node id of its initial owner
+        # primary id -> ports that were last seen following it (for a late wait_for_promotion)
+        self._followers: dict[str, set[int]] = {}
         self._started = False
         #: Seconds the last :meth:`start` took (processes up, joined, healthy).
         self.start_seconds: float | None = None
@@ -248,6 +254,7 @@ class RedisClusterBed:
                         still.append(i)
                 except RedisServerError:
                     # Port taken between picking and binding: a fresh node on new ports.
+                    self.nodes[i].stop()
                     self.nodes[i] = self._new_node()
                     self.nodes[i].start()
             pending = still
@@ -371,14 +378,25 @@ class RedisClusterBed:
     def cluster_nodes(self, server: RedisServer | None = None) -> list[ClusterNodeInfo]:
         """``CLUSTER NODES`` as seen by ``server`` (default: the first live node that answers)."""
         if server is not None:
-            return parse_cluster_nodes(self._admin_for(server).execute_command("CLUSTER", "NODES"))
+            return self._remember(
+                parse_cluster_nodes(self._admin_for(server).execute_command("CLUSTER", "NODES"))
+            )
         return self._topology()
+
+    def _remember(self, infos: list[ClusterNodeInfo]) -> list[ClusterNodeInfo]:
+        with self._admin_lock:
+            for n in infos:
+                if n.master_id is not None and n.port:
+                    self._followers.setdefault(n.master_id, set()).add(n.port)
+        return infos
 
     def _topology(self) -> list[ClusterNodeInfo]:
         last: Exception | None = None
         for s in self.live_nodes():
             try:
-                return parse_cluster_nodes(self._admin_for(s).execute_command("CLUSTER", "NODES"))
+                return self._remember(
+                    parse_cluster_nodes(self._admin_for(s).execute_command("CLUSTER", "NODES"))
+                )
             except redis.RedisError as e:
                 last = e
         raise RedisServerError(f"no cluster node answers CLUSTER NODES (last error: {last!r})")
@@ -476,10 +494,14 @@ class RedisClusterBed:
 
         Polls each candidate's ``ROLE`` every 10 ms and returns ``(replica,
         time.monotonic())`` from the first poll that saw it as a primary.  The candidates
-        are the nodes that follow ``old_primary`` in the live nodes' view of the cluster.
+        are the nodes that follow ``old_primary`` in the live nodes' view of the cluster,
+        plus those the bed last saw following it (so a call made after the promotion still
+        finds it, and returns at once: the time is then when it was first *seen*).
         """
         pid = self.node_id(old_primary)
-        candidates: list[RedisServer] = []
+        with self._admin_lock:
+            known = set(self._followers.get(pid, ()))
+        candidates: list[RedisServer] = [s for s in self.nodes if s.port in known and s is not old_primary]
         for s in self.live_nodes():
             if s is old_primary:
                 continue
@@ -550,10 +572,33 @@ class RedisClusterBed:
         Paused nodes are resumed, dead ones restarted (they rejoin from nodes.conf), each
         initial primary that is a replica now takes over again with ``CLUSTER FAILOVER``
         (``FORCE`` if the graceful one stalls), every replica is re-pinned to its initial
-        primary, slots moved by :meth:`move_slot` go back to their initial owner, and the
+        primary, a slot left importing/migrating is made stable, slots moved by
+        :meth:`move_slot` go back to their initial owner, and the
         cluster is healthy on return.  Data is kept; see :meth:`flushall`.
         """
         deadline = time.monotonic() + timeout
+        while True:
+            self._reset_once(deadline)
+            wrong = self._layout_problems()
+            if not wrong:
+                return
+            # A failover still in flight (a primary killed just before the reset) can undo
+            # a step after it was taken: go round again.
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reset_topology: layout not restored within {timeout}s: {wrong}")
+
+    def _layout_problems(self) -> list[str]:
+        p = self.primaries_count
+        problems = []
+        if self.primaries() != self.nodes[:p]:
+            problems.append(f"primaries are {self.primaries()}")
+        for k, replica in enumerate(self.nodes[p:]):
+            me = self._myself(replica)
+            if me is None or me.master_id != self._ids[self.nodes[k % p].port]:
+                problems.append(f"{replica} does not follow {self.nodes[k % p]}")
+        return problems
+
+    def _reset_once(self, deadline: float) -> None:
         for s in self.nodes:
             if s.paused:
                 s.resume()
@@ -561,6 +606,11 @@ class RedisClusterBed:
             if not s.running:
                 s.start()
         self._wait_joined(deadline)
+        for s in self.nodes:  # a move_slot that was interrupted: close the slot again
+            me = self._myself(s)
+            for slot in me.open_slots if me is not None else ():
+                with contextlib.suppress(redis.RedisError):
+                    self._admin_for(s).execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
         p = self.primaries_count
         for prim in self.nodes[:p]:
             self._fail_back(prim, deadline)

@@ -59,6 +59,7 @@ def test_parse_cluster_nodes_skips_migration_markers() -> None:
     )
     a, b, c = parse_cluster_nodes(text)
     assert (a.port, a.slots, a.is_primary, a.failed) == (7000, frozenset({0, 1, 2, 5}), True, False)
+    assert a.open_slots == frozenset({6})
     assert (b.master_id, b.is_primary) == ("a1", False)
     assert c.failed
     assert c.link == "disconnected"
@@ -157,6 +158,37 @@ def test_reset_topology_restores_the_initial_primaries(cluster: RedisClusterBed)
     t0 = time.monotonic()
     bed.reset_topology()  # nothing to do: cheap
     assert time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.slow
+def test_reset_during_a_failover_in_flight_and_a_late_wait_for_promotion(cluster: RedisClusterBed) -> None:
+    bed = cluster
+    bed.kill(bed.nodes[1])
+    bed.reset_topology()  # the replica may win its election while the reset runs
+    assert bed.primaries() == bed.nodes[:3]
+    bed.kill(bed.nodes[2])
+    deadline = time.monotonic() + 15
+    while _direct(bed.nodes[5]).execute_command("ROLE")[0] != b"master":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    promoted, _ = bed.wait_for_promotion(bed.nodes[2])  # after the fact: returns at once
+    assert promoted is bed.nodes[5]
+    assert time.monotonic() - t0 < 0.5
+
+
+def test_interrupted_slot_move_is_made_stable_by_reset(cluster: RedisClusterBed) -> None:
+    bed = cluster
+    slot = bed.key_slot("half-moved")
+    src = bed.primary_for_key("half-moved")
+    dst = next(p for p in bed.primaries() if p is not src)
+    _direct(dst).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", bed.node_id(src))
+    _direct(src).execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", bed.node_id(dst))
+    assert slot in bed._myself(src).open_slots
+    bed.reset_topology()
+    assert all(not bed._myself(s).open_slots for s in bed.nodes)
+    assert bed.primary_for_key("half-moved") is src
 
 
 def test_restart_keeps_port_and_node_id_and_rejoins(cluster: RedisClusterBed) -> None:

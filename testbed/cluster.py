@@ -38,6 +38,7 @@ import redis
 import redis.asyncio.cluster
 import redis.cluster
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.retry import Retry
 
 from testbed.redis_server import RedisServer, RedisServerError, find_free_port, pdeathsig_prefix
@@ -436,7 +437,7 @@ class RedisClusterBed:
     @staticmethod
     def key_slot(key: str | bytes) -> int:
         """The hash slot of ``key`` (hash tags honoured)."""
-        return int(redis.cluster.key_slot(key.encode() if isinstance(key, str) else key))
+        return int(key_slot(key.encode() if isinstance(key, str) else key))
 
     def primary_for_key(self, key: str | bytes) -> RedisServer:
         """The node owning ``key``'s slot now."""

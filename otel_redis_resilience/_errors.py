@@ -48,6 +48,11 @@ class RedisUnavailable(redis.exceptions.ConnectionError):
             server refused it without running it).
         error_code: The Redis error code of the last error reply
             (``"READONLY"``, ``"LOADING"``...), or None.
+        node: On a Redis Cluster, the node the call gave up on (``"host:port"``);
+            for a cross-slot call that failed on several nodes, the first of them
+            (all are named in the message and in ``nodes``). None for a single
+            endpoint.
+        nodes: Every node that failed (a cross-slot call); ``()`` for a single endpoint.
 
     The last underlying error, if any, is chained as ``__cause__``.
     """
@@ -61,15 +66,23 @@ class RedisUnavailable(redis.exceptions.ConnectionError):
         outcome_unknown: bool = False,
         detail: str = "",
         error_code: str | None = None,
+        node: str | None = None,
+        nodes: tuple[str, ...] = (),
     ) -> None:
         self.reason: UnavailableReason = reason
         self.operation = operation
         self.attempts = attempts
         self.outcome_unknown = outcome_unknown
         self.error_code = error_code
+        if node is not None and not nodes:
+            nodes = (node,)
+        self.nodes = nodes
+        self.node = node if node is not None else (nodes[0] if nodes else None)
         msg = f"Redis unavailable ({reason})"
         if operation:
             msg += f" for {operation} after {attempts} attempt{'s' if attempts != 1 else ''}"
+        if nodes:
+            msg += f" on {', '.join(nodes)}"
         if detail:
             msg += f": {detail}"
         super().__init__(msg)
@@ -78,7 +91,16 @@ class RedisUnavailable(redis.exceptions.ConnectionError):
         # Keyword-only arguments need help to survive pickling (multiprocessing, Celery).
         return (
             _rebuild,
-            (self.reason, self.operation, self.attempts, self.outcome_unknown, str(self), self.error_code),
+            (
+                self.reason,
+                self.operation,
+                self.attempts,
+                self.outcome_unknown,
+                str(self),
+                self.error_code,
+                self.node,
+                self.nodes,
+            ),
         )
 
 
@@ -89,9 +111,17 @@ def _rebuild(
     outcome_unknown: bool,
     message: str,
     error_code: str | None = None,
+    node: str | None = None,
+    nodes: tuple[str, ...] = (),
 ) -> RedisUnavailable:
     exc = RedisUnavailable(
-        reason, operation=operation, attempts=attempts, outcome_unknown=outcome_unknown, error_code=error_code
+        reason,
+        operation=operation,
+        attempts=attempts,
+        outcome_unknown=outcome_unknown,
+        error_code=error_code,
+        node=node,
+        nodes=nodes,
     )
     exc.args = (message,)
     return exc

@@ -12,10 +12,13 @@ from typing import Any, Generic, TypeVar
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 from opentelemetry import metrics, trace
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ._cluster import Cluster, cluster_endpoint, cluster_kind
 from ._decide.breaker import BreakerState
 from ._decide.config import BreakerPolicy, RetryPolicy, validate_deadline, validate_request_deadline
 from ._drive.aio import AsyncDriver
@@ -40,6 +43,9 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 H = TypeVar("H")
+AnyClient = (
+    redis.Redis | redis.asyncio.Redis | redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster
+)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -59,7 +65,9 @@ class Resilience:
     a handle with redis-py's whole command API.
 
     Args:
-        client: A ``redis.Redis`` or ``redis.asyncio.Redis``. Its own retries
+        client: A ``redis.Redis`` or ``redis.asyncio.Redis``, or a Redis Cluster
+            client (``redis.cluster.RedisCluster``, ``redis.asyncio.cluster.RedisCluster``:
+            one breaker per primary node, see docs/configuration.md). Its own retries
             are switched off (``max_attempts`` here is the single retry layer)
             and its connection class gets deadline and send-tracking hooks.
             For an asyncio client, ``socket_timeout`` does not apply inside an
@@ -89,7 +97,7 @@ class Resilience:
 
     def __init__(
         self,
-        client: redis.Redis | redis.asyncio.Redis,
+        client: AnyClient,
         *,
         retry: RetryPolicy | None = None,
         breaker: BreakerPolicy | None = None,
@@ -103,15 +111,18 @@ class Resilience:
     ) -> None:
         # The one place sync and asyncio part: everything that differs is the driver's.
         self._driver: SyncDriver | AsyncDriver
-        if isinstance(client, redis.asyncio.Redis):
+        kind = cluster_kind(client)
+        if kind is not None:
+            self._driver = AsyncDriver() if kind == "async" else SyncDriver()
+        elif isinstance(client, redis.asyncio.Redis):
             self._driver = AsyncDriver()
         elif isinstance(client, redis.Redis):
             self._driver = SyncDriver()
         else:
             raise ConfigurationError(
-                "Resilience(client) needs a redis.Redis or a redis.asyncio.Redis, "
-                f"got {type(client).__module__}.{type(client).__qualname__}"
-                + (" (cluster clients are not supported)" if "Cluster" in type(client).__name__ else "")
+                "Resilience(client) needs a redis.Redis, a redis.asyncio.Redis or a RedisCluster "
+                f"(redis.cluster or redis.asyncio.cluster), got {type(client).__module__}."
+                f"{type(client).__qualname__}"
             )
         if retry is None:
             retry = RetryPolicy()
@@ -146,7 +157,8 @@ class Resilience:
         self.client = client
         self.retry_policy = retry
         self.breaker_policy = breaker
-        self.endpoint = _endpoint(client.connection_pool)
+        plain: Any = client
+        self.endpoint = cluster_endpoint(client) if kind is not None else _endpoint(plain.connection_pool)
         self._telemetry = Telemetry(
             self.endpoint,
             hooks=hooks,
@@ -166,7 +178,36 @@ class Resilience:
             start_probe=self._start_probe,
             lkg=None if last_known_good is None else LastKnownGood(last_known_good),
         )
-        self._telemetry.watch_state(self._core.state)
+        #: Bumped by close(): a probe loop started before it stops, and leaves the
+        #: probe claim to close() (which already released it).
+        self._generation = 0
+        self._cluster: Cluster | None = None
+        if kind is not None:
+            # The cluster's own core serves views (fallbacks, last-known-good) only;
+            # commands go through one core per node, each with its own telemetry.
+            self._cluster = Cluster(
+                client,
+                is_async=kind == "async",
+                retry=retry,
+                breaker=breaker,
+                telemetry=self._telemetry,
+                make_telemetry=lambda endpoint: Telemetry(
+                    endpoint,
+                    hooks=hooks,
+                    tracer_provider=tracer_provider,
+                    meter_provider=meter_provider,
+                    capture_statement=capture_statement,
+                ),
+                driver=self._driver,
+                alive=lambda: self._generation,
+            )
+            if write_behind is not None:
+                raise ConfigurationError(
+                    "Resilience(write_behind=...) is not supported on a Redis Cluster client yet: "
+                    "journaled writes would have to replay to whichever node owns each key"
+                )
+        else:
+            self._telemetry.watch_state(self._core.state)
         _all_cores.add(self._core)
         if write_behind is not None:
             if not isinstance(write_behind, WriteBehindConfig):
@@ -176,11 +217,10 @@ class Resilience:
             self._core.write_behind = WriteBehind(
                 write_behind, self._core, client, is_async=self._driver.is_async
             )
-        self._handle_cls = self._driver.handle_class(type(client))
+        self._handle_cls = (
+            self._driver.handle_class(type(client)) if self._cluster is None else self._cluster.handle_class
+        )
         self._closed = False
-        #: Bumped by close(): a probe loop started before it stops, and leaves the
-        #: probe claim to close() (which already released it).
-        self._generation = 0
         #: Guards _closed and _generation only; never held across I/O.
         self._life_lock = threading.Lock()
         self._install()
@@ -190,7 +230,11 @@ class Resilience:
     # -- set-up -----------------------------------------------------------------
 
     def _install(self) -> None:
-        pool: Any = self.client.connection_pool
+        if self._cluster is not None:
+            self._cluster.install()
+            return
+        plain: Any = self.client
+        pool: Any = plain.connection_pool
         no_retry = Retry(NoBackoff(), 0)
         pool.connection_kwargs["retry"] = no_retry
         # Inside an attempt its own bound replaces the client's socket_timeout (sync:
@@ -239,16 +283,43 @@ class Resilience:
 
     @property
     def breaker_state(self) -> BreakerState:
-        """The circuit breaker's current state."""
+        """The circuit breaker's current state; on a cluster, the worst over its nodes."""
+        if self._cluster is not None:
+            return self._cluster.worst()
         return self._core.breaker.state
 
-    def force_open(self) -> None:
-        """Open the breaker and keep it open (no probes) until :meth:`reset`. For operators."""
-        self._core.force_open(time.monotonic())
+    @property
+    def breaker_states(self) -> dict[str, BreakerState]:
+        """Every breaker's state, keyed ``"host:port"``: one per primary node on a cluster,
+        one entry for a single endpoint."""
+        if self._cluster is not None:
+            return self._cluster.states()
+        return {str(self.endpoint): self._core.breaker.state}
 
-    def reset(self) -> None:
-        """Close the breaker and forget its history. For operators."""
-        self._core.reset(time.monotonic())
+    def _cores(self, node: str | None) -> list[Any]:
+        if self._cluster is not None:
+            return self._cluster.cores(node)
+        if node is not None and node != str(self.endpoint):
+            raise ConfigurationError(f"no breaker for node {node!r} (this Resilience guards {self.endpoint})")
+        return [self._core]
+
+    def force_open(self, node: str | None = None) -> None:
+        """Open the breaker and keep it open (no probes) until :meth:`reset`. For operators.
+
+        Args:
+            node: On a cluster, the ``"host:port"`` of one primary; None: every breaker.
+        """
+        for core in self._cores(node):
+            core.force_open(time.monotonic())
+
+    def reset(self, node: str | None = None) -> None:
+        """Close the breaker and forget its history. For operators.
+
+        Args:
+            node: On a cluster, the ``"host:port"`` of one primary; None: every breaker.
+        """
+        for core in self._cores(node):
+            core.reset(time.monotonic())
 
     def request(self, *, deadline: float | None = None) -> RequestContext[Any]:
         """Open a request scope; use ``with`` (sync client) or ``async with`` (asyncio client).
@@ -268,6 +339,8 @@ class Resilience:
         h.__dict__.update(self.client.__dict__)
         h._orr_core = self._core
         h._orr_scope = scope
+        if self._cluster is not None:
+            self._cluster.fill(h)
         return h
 
     def fallback(self, *, value: Any = _MISSING, func: Callable[..., Any] | None = None) -> Callable[[F], F]:

@@ -71,8 +71,13 @@ class Core(Shared):
             self.write_behind.after_fork()
 
 
-def unavailable(op: Operation, verdict: GiveUp, cause: BaseException | None) -> RedisUnavailable:
-    """The ``RedisUnavailable`` for ``verdict``, ``cause`` chained; ``op``'s end reported."""
+def unavailable(
+    op: Operation, verdict: GiveUp, cause: BaseException | None, node: str | None = None
+) -> RedisUnavailable:
+    """The ``RedisUnavailable`` for ``verdict``, ``cause`` chained; ``op``'s end reported.
+
+    ``node``: the cluster node (``"host:port"``) the operation gave up on, if any.
+    """
     code = verdict.error_code
     err = RedisUnavailable(
         verdict.reason,
@@ -81,6 +86,7 @@ def unavailable(op: Operation, verdict: GiveUp, cause: BaseException | None) -> 
         outcome_unknown=verdict.outcome_unknown,
         detail=code or (type(cause).__name__ if cause is not None else ""),
         error_code=code,
+        node=node,
     )
     err.__cause__ = cause
     op.gave_up(verdict, err, _monotonic())

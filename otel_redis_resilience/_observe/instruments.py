@@ -73,6 +73,16 @@ class Instruments:
             unit="{entry}",
             description="Write-behind writes refused because the journal was full.",
         )
+        self.cluster_redirects = meter.create_counter(
+            "redis.resilience.cluster.redirects",
+            unit="{redirect}",
+            description="MOVED and ASK replies followed (Redis Cluster), by the node that sent them.",
+        )
+        self.cluster_refreshes = meter.create_counter(
+            "redis.resilience.cluster.refreshes",
+            unit="{refresh}",
+            description="Cluster topology refreshes (CLUSTER SLOTS), by outcome.",
+        )
         #: Write-behind journals, for the queue-size gauge.
         self.writebehind_sources: weakref.WeakSet[Any] = weakref.WeakSet()
         meter.create_observable_gauge(

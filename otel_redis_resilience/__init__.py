@@ -15,7 +15,8 @@ from ._observe.events import (
     OperationFinished,
     RetryScheduled,
 )
-from ._resilience import RequestContext, Resilience
+from ._request import RequestContext
+from ._resilience import Resilience
 from ._scope import NoActiveRequest, RequestScope, ScopeClosedError, current_redis, current_scope
 from ._testing import is_testing, set_testing
 from ._version import __version__ as __version__

@@ -7,8 +7,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
@@ -29,7 +28,8 @@ from ._errors import ConfigurationError
 from ._fallback import _MISSING, LastKnownGood, LastKnownGoodPolicy, make_fallback_decorator
 from ._observe.events import Endpoint, Hook
 from ._observe.telemetry import Telemetry
-from ._scope import RequestScope, enter, leave
+from ._request import RequestContext
+from ._scope import RequestScope
 from ._writebehind import WriteBehind, WriteBehindConfig, WriteBehindJournal
 
 _all_cores: weakref.WeakSet[Core] = weakref.WeakSet()
@@ -42,7 +42,6 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
-H = TypeVar("H")
 AnyClient = (
     redis.Redis | redis.asyncio.Redis | redis.cluster.RedisCluster | redis.asyncio.cluster.RedisCluster
 )
@@ -412,56 +411,3 @@ class Resilience:
 
     def __repr__(self) -> str:
         return f"<Resilience {self.endpoint} breaker={self.breaker_state.value}>"
-
-
-class RequestContext(Generic[H]):
-    """The context manager returned by :meth:`Resilience.request`."""
-
-    __slots__ = ("_deadline", "_res", "_scope")
-
-    def __init__(self, res: Resilience, deadline: float | None) -> None:
-        self._res = res
-        self._deadline = deadline
-        self._scope: RequestScope | None = None
-
-    def _open(self) -> Any:
-        if self._scope is not None:
-            raise RuntimeError("this request scope is already open; call res.request() again")
-        deadline = self._deadline
-        scope = RequestScope(None if deadline is None else time.monotonic() + deadline)
-        scope.handle = self._res.handle(scope)
-        self._scope = scope
-        wb = self._res._core.write_behind
-        if wb is not None and wb.needs_start:
-            wb.kick()
-        enter(scope)
-        return scope.handle
-
-    def _close(self) -> None:
-        scope = self._scope
-        if scope is None:
-            return
-        leave(scope)
-
-    @property
-    def scope(self) -> RequestScope | None:
-        """The scope's state (counters, deadline) once opened."""
-        return self._scope
-
-    def __enter__(self) -> Any:
-        self._res._driver.check_with(asynchronous=False)
-        return self._open()
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._close()
-
-    async def __aenter__(self) -> Any:
-        self._res._driver.check_with(asynchronous=True)
-        return self._open()
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._close()

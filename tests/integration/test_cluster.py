@@ -173,7 +173,13 @@ class Load:
             self.calls.append(call)
 
 
-def _sync_load(res: Resilience, keys: dict[str, list[str]], load: Load, stop: threading.Event) -> None:
+def _sync_load(
+    res: Resilience,
+    keys: dict[str, list[str]],
+    load: Load,
+    stop: threading.Event,
+    deadline: float = DEADLINE,
+) -> None:
     flat = [(n, k) for n, ks in keys.items() for k in ks]
     i = 0
     while not stop.is_set():
@@ -181,7 +187,7 @@ def _sync_load(res: Resilience, keys: dict[str, list[str]], load: Load, stop: th
         i += 1
         t = time.monotonic()
         try:
-            with res.request(deadline=DEADLINE) as r:
+            with res.request(deadline=deadline) as r:
                 r.set(key, "v")
                 r.get(key)
             load.add(Call(node, t, time.monotonic(), True))
@@ -364,7 +370,9 @@ def test_slot_move_under_load_no_errors_no_breaker_opens(healthy: RedisClusterBe
     res = Resilience(healthy.client(), deadline=1.0, hooks=[load.hook])
     stop = threading.Event()
     threads = [
-        threading.Thread(target=_sync_load, args=(res, {"moving": [key, *siblings[:20]]}, load, stop))
+        # A generous deadline: this test is about redirects, and a 2-core machine running six
+        # redis-servers and this load can stall one call for a few hundred ms.
+        threading.Thread(target=_sync_load, args=(res, {"moving": [key, *siblings[:20]]}, load, stop, 1.0))
         for _ in range(4)
     ]
     for t in threads:

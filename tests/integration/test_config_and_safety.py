@@ -237,7 +237,9 @@ def test_a_tiny_request_deadline_gives_up_at_once_instead_of_failing_the_request
 
 def test_invalid_resilience_arguments(clean_redis: RedisServer) -> None:
     client = redis.Redis(host=clean_redis.host, port=clean_redis.port)
-    with pytest.raises(ConfigurationError, match=r"needs a redis\.Redis or a redis\.asyncio\.Redis"):
+    with pytest.raises(
+        ConfigurationError, match=r"needs a redis\.Redis, a redis\.asyncio\.Redis or a RedisCl"
+    ):
         Resilience(object())  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="deadline must be > 0"):
         Resilience(client, deadline=-1)

@@ -36,6 +36,7 @@ from .._decide.operation import RERAISE, GiveUp, Operation
 from .._decide.topology import MAX_REDIRECTS, REFRESH_TIMEOUT, NodeRegistry, RefreshGate, redirected, retarget
 from .._errors import RedisUnavailable
 from .._observe.cluster import redirected as redirected_event
+from .._observe.cluster import refreshed
 from .._observe.events import Endpoint
 from .classify import classify, error_code
 from .context import Attempt
@@ -336,3 +337,46 @@ def flow_for(
     if owner is None or owner.name != node.name:
         slot = None
     return node_flow(state, scope, node, name, args, options, slot)
+
+
+@dataclass(frozen=True, slots=True)
+class Initialize:
+    """Step of :func:`refresh_flow`: re-read the slot table from the client's startup nodes
+    (set to one node), within ``timeout`` seconds; answered True when it worked."""
+
+    timeout: float
+
+
+def refresh_flow(state: ClusterState, deadline: float, avoid: str | None, now: Callable[[], float]) -> Any:
+    """Re-read the slot table from one node (healthy ones first), by ``deadline``; never raises.
+
+    Written once: the drivers answer :class:`Initialize` steps (blocking or awaiting).
+    The caller holds the refresh claim (single-flight); it is released here.
+    """
+    nm = state.client.nodes_manager
+    ok = False
+    try:
+        for node in state.refresh_candidates(avoid):
+            left = deadline - now()
+            if left < 0.002:
+                break
+            saved = nm.startup_nodes
+            try:
+                state.hook_node(node)
+                # Asked alone: redis-py asks its startup nodes in a random order, and a
+                # hung one would hold the refresh. With dynamic startup nodes (the
+                # default) initialize() sets them to every node it found. Each node asked
+                # gets part of the time: a hung one must not use it all.
+                nm.startup_nodes = {node.name: node}
+                ok = yield Initialize(min(left, REFRESH_TIMEOUT / 2))
+            except Exception:
+                ok = False
+            if not ok or not nm._dynamic_startup_nodes:
+                nm.startup_nodes = saved
+            refreshed(state.telemetry, ok)
+            if ok:
+                break
+        if ok:
+            state.after_refresh()
+    finally:
+        state.gate.finished(ok)

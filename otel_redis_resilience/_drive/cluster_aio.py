@@ -14,16 +14,13 @@ from typing import Any
 
 import redis.asyncio.cluster
 from redis.asyncio.cluster import PipelineCommand
-from redis.client import list_or_args  # type: ignore[attr-defined]
 
 from .._decide.commands import _NAMES, command_name
-from .._decide.topology import REFRESH_TIMEOUT
-from .._fallback import NORMAL, recover
-from .._handle import HandleBase, make_class
-from .._observe.cluster import refreshed
+from .._handle import make_class
 from .._scope import RequestScope, scope_closed_error
-from .cluster import ClusterState, MoveSlot, NodeFlow, Refresh, Send, flow_for, node_flow
-from .cluster_batch import Command, Part, combine, part_flow, redirected_positions, split
+from .cluster import ClusterState, MoveSlot, NodeFlow, Refresh, Send, flow_for, node_flow, refresh_flow
+from .cluster_batch import Command, Part, part_flow, redirected_positions, split
+from .cluster_handle import ClusterHandleBase
 from .connection import AsyncConnectionHooks, hooked_class
 from .context import CURRENT_ATTEMPT, Attempt
 from .flows import Stepper, view_flow
@@ -33,14 +30,10 @@ _monotonic = time.monotonic
 
 async def drive(flow: NodeFlow, state: ClusterState) -> Any:
     """Perform the flow's steps until it returns (or raises)."""
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = flow.send(reply) if error is None else flow.throw(error)
-        except StopIteration as done:
-            return done.value
-        reply = error = None
+    stepper = Stepper(flow)
+    while stepper.running:
+        step = stepper.step
+        reply: Any = None
         if isinstance(step, Send):
             token = CURRENT_ATTEMPT.set(step.attempt)
             try:
@@ -55,7 +48,8 @@ async def drive(flow: NodeFlow, state: ClusterState) -> Any:
                     async with asyncio.timeout(max(deadline - _monotonic(), 0.0)):
                         reply = await _send(step)
             except BaseException as exc:
-                error = exc
+                stepper.throw(exc)
+                continue
             finally:
                 CURRENT_ATTEMPT.reset(token)
         elif isinstance(step, Refresh):
@@ -64,6 +58,8 @@ async def drive(flow: NodeFlow, state: ClusterState) -> Any:
             await state.client.nodes_manager.move_slot(step.error)
         else:
             await asyncio.sleep(step.seconds)
+        stepper.send(reply)
+    return stepper.value
 
 
 async def _send(step: Send) -> Any:
@@ -86,39 +82,23 @@ async def _send(step: Send) -> Any:
 
 
 async def refresh(state: ClusterState, deadline: float, avoid: str | None) -> None:
-    """Re-read the slot table from one node (healthy ones first), by ``deadline``; never raises.
-
-    The caller holds the refresh claim (single-flight); it is released here.
-    """
+    """Drive :func:`refresh_flow`: each step one ``initialize()``, awaited under its timeout."""
+    stepper = Stepper(refresh_flow(state, deadline, avoid, _monotonic))
     nm = state.client.nodes_manager
-    ok = False
     try:
-        for node in state.refresh_candidates(avoid):
-            now = _monotonic()
-            if deadline - now < 0.002:
-                break
-            saved = nm.startup_nodes
+        while stepper.running:
             token = CURRENT_ATTEMPT.set(Attempt(None))
             try:
-                state.hook_node(node)
-                # Asked alone: a hung startup node must not hold the refresh (see cluster_sync).
-                nm.startup_nodes = {node.name: node}
-                async with asyncio.timeout(min(deadline - now, REFRESH_TIMEOUT / 2)):
+                async with asyncio.timeout(stepper.step.timeout):
                     await nm.initialize()
                 ok = True
             except Exception:
-                nm.startup_nodes = saved
+                ok = False
             finally:
                 CURRENT_ATTEMPT.reset(token)
-                if not nm._dynamic_startup_nodes:
-                    nm.startup_nodes = saved
-            refreshed(state.telemetry, ok)
-            if ok:
-                break
-        if ok:
-            state.after_refresh()
+            stepper.send(ok)
     finally:
-        state.gate.finished(ok)
+        stepper.close()  # a cancellation still releases the refresh claim
 
 
 async def ensure_initialized(state: ClusterState, scope: RequestScope | None) -> None:
@@ -168,7 +148,7 @@ async def _run_view(
     return stepper.value
 
 
-class AsyncClusterHandle(HandleBase, redis.asyncio.cluster.RedisCluster):  # type: ignore[misc]
+class AsyncClusterHandle(ClusterHandleBase, redis.asyncio.cluster.RedisCluster):  # type: ignore[misc]
     """The request-scoped resilient handle for a ``redis.asyncio.cluster.RedisCluster``.
 
     As the sync one: redis-py's routing is kept, each node's part runs through
@@ -202,9 +182,6 @@ class AsyncClusterHandle(HandleBase, redis.asyncio.cluster.RedisCluster):  # typ
             lambda: drive(flow_for(state, scope, target_node, args, kwargs, slot), state),
         )
 
-    def _orr_decodes(self) -> bool:
-        return bool(self.get_encoder().decode_responses)
-
     async def _orr_part(self, state: ClusterState, scope: RequestScope | None, part: Part) -> Any:
         try:
             replies = list(await drive(part_flow(state, scope, part), state))
@@ -231,51 +208,17 @@ class AsyncClusterHandle(HandleBase, redis.asyncio.cluster.RedisCluster):  # typ
             await ensure_initialized(state, scope)
         parts = split(state, commands, [await _slot(self, args) for args, _ in commands])
         outcomes = await asyncio.gather(*(self._orr_part(state, scope, part) for part in parts))
-        return combine(
-            len(commands),
-            parts,
-            outcomes,
-            raise_on_error=raise_on_error,
-            recover=self._orr_recover(),
-            commands=commands,
-        )
-
-    def _orr_recover(self) -> Callable[[Command, Exception], Any] | None:
-        mode = self._orr_mode
-        if mode == NORMAL:
-            return None
-        core, scope, decode = self._orr_core, self._orr_scope, self._orr_decodes()
-
-        def answer(cmd: Command, exc: Exception) -> Any:
-            args, options = cmd
-            return recover(
-                mode, core.lkg, core.telemetry, command_name(args), args, options, exc, scope, decode=decode
-            )
-
-        return answer
+        return self._orr_combine(commands, parts, outcomes, raise_on_error)
 
     async def mget_nonatomic(self, keys: Any, *args: Any) -> list[Any]:  # type: ignore[override]
-        keys = list_or_args(keys, args)
-        slots_to_keys = self._partition_keys_by_slot(keys)
-        replies = await self._orr_batch([(("MGET", *ks), {}) for ks in slots_to_keys.values()], True)
-        return self._reorder_keys_by_command(keys, slots_to_keys, replies)
+        keys, slots_to_keys, commands = self._orr_mget(keys, args)
+        return self._reorder_keys_by_command(keys, slots_to_keys, await self._orr_batch(commands, True))
 
     async def mset_nonatomic(self, mapping: Mapping[Any, Any]) -> list[bool]:  # type: ignore[override]
-        slots_to_pairs = self._partition_pairs_by_slot(mapping)
-        return await self._orr_batch([(("MSET", *pairs), {}) for pairs in slots_to_pairs.values()], True)
+        return await self._orr_batch(self._orr_mset(mapping), True)
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
-        if transaction:
-            from .._errors import ConfigurationError
-
-            raise ConfigurationError(
-                "cluster transactions (pipeline(transaction=True)) are not routed through the "
-                "breakers yet: use the client directly, or a plain pipeline()"
-            )
-        pipe: Any = super().pipeline(transaction, shard_hint)
-        pipe.__class__ = make_class(_pipeline_classes, AsyncClusterPipelineHooks, type(pipe))
-        pipe._orr_handle = self
-        return pipe
+        return self._orr_pipeline(transaction, shard_hint, AsyncClusterPipelineHooks, _pipeline_classes)
 
     async def aclose(self) -> None:
         """Does nothing: the handle does not own the client or its nodes."""

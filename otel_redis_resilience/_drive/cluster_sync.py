@@ -12,17 +12,14 @@ from typing import Any
 
 import redis.cluster
 from redis.backoff import NoBackoff
-from redis.client import list_or_args  # type: ignore[attr-defined]
 from redis.retry import Retry
 
 from .._decide.commands import _NAMES, command_name
-from .._decide.topology import REFRESH_TIMEOUT
-from .._fallback import NORMAL, recover
-from .._handle import HandleBase, make_class
-from .._observe.cluster import refreshed
+from .._handle import make_class
 from .._scope import RequestScope, scope_closed_error
-from .cluster import ClusterState, MoveSlot, NodeFlow, Refresh, Send, flow_for, node_flow
-from .cluster_batch import Command, combine, part_flow, redirected_positions, split
+from .cluster import ClusterState, MoveSlot, NodeFlow, Refresh, Send, flow_for, node_flow, refresh_flow
+from .cluster_batch import Command, part_flow, redirected_positions, split
+from .cluster_handle import ClusterHandleBase
 from .connection import SyncConnectionHooks, hooked_class
 from .context import CURRENT_ATTEMPT, Attempt
 from .flows import Stepper, view_flow
@@ -32,20 +29,17 @@ _monotonic = time.monotonic
 
 def drive(flow: NodeFlow, state: ClusterState) -> Any:
     """Perform the flow's steps until it returns (or raises)."""
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            step = flow.send(reply) if error is None else flow.throw(error)
-        except StopIteration as done:
-            return done.value
-        reply = error = None
+    stepper = Stepper(flow)
+    while stepper.running:
+        step = stepper.step
+        reply: Any = None
         if isinstance(step, Send):
             token = CURRENT_ATTEMPT.set(step.attempt)
             try:
                 reply = _send(state, step)
             except BaseException as exc:
-                error = exc
+                stepper.throw(exc)
+                continue
             finally:
                 CURRENT_ATTEMPT.reset(token)
         elif isinstance(step, Refresh):
@@ -54,6 +48,8 @@ def drive(flow: NodeFlow, state: ClusterState) -> Any:
             state.client.nodes_manager.move_slot(step.error)
         else:
             time.sleep(step.seconds)
+        stepper.send(reply)
+    return stepper.value
 
 
 def _send(state: ClusterState, step: Send) -> Any:
@@ -76,41 +72,22 @@ def _send(state: ClusterState, step: Send) -> Any:
 
 
 def refresh(state: ClusterState, deadline: float, avoid: str | None) -> None:
-    """Re-read the slot table from one node (healthy ones first), by ``deadline``; never raises.
-
-    The caller holds the refresh claim (single-flight); it is released here.
-    """
+    """Drive :func:`refresh_flow`: each step one ``initialize()``, its sockets capped by the step's time."""
+    stepper = Stepper(refresh_flow(state, deadline, avoid, _monotonic))
     nm = state.client.nodes_manager
-    ok = False
     try:
-        for node in state.refresh_candidates(avoid):
-            now = _monotonic()
-            if deadline - now < 0.002:
-                break
-            # Each node asked gets part of the time: a hung one must not use it all.
-            token = CURRENT_ATTEMPT.set(Attempt(min(deadline, now + REFRESH_TIMEOUT / 2)))
-            saved = nm.startup_nodes
+        while stepper.running:
+            token = CURRENT_ATTEMPT.set(Attempt(_monotonic() + stepper.step.timeout))
             try:
-                state.hook_node(node)
-                # Asked alone: redis-py asks its startup nodes in a random order, and a
-                # hung one would hold the refresh. With dynamic startup nodes (the
-                # default) initialize() sets them to every node it found.
-                nm.startup_nodes = {node.name: node}
                 nm.initialize(disconnect_startup_nodes_pools=False)
                 ok = True
             except Exception:
-                nm.startup_nodes = saved
+                ok = False
             finally:
                 CURRENT_ATTEMPT.reset(token)
-                if not nm._dynamic_startup_nodes:
-                    nm.startup_nodes = saved
-            refreshed(state.telemetry, ok)
-            if ok:
-                break
-        if ok:
-            state.after_refresh()
+            stepper.send(ok)
     finally:
-        state.gate.finished(ok)
+        stepper.close()
 
 
 def hook_node(state: ClusterState, node: Any) -> None:
@@ -152,7 +129,7 @@ def _run_view(
     return stepper.value
 
 
-class SyncClusterHandle(HandleBase, redis.cluster.RedisCluster):
+class SyncClusterHandle(ClusterHandleBase, redis.cluster.RedisCluster):
     """The request-scoped resilient handle for a ``redis.cluster.RedisCluster``.
 
     redis-py's routing is kept (the key's slot, commands for all primaries, the
@@ -179,9 +156,6 @@ class SyncClusterHandle(HandleBase, redis.cluster.RedisCluster):
             lambda: drive(flow_for(state, scope, target_node, args, kwargs, slot), state),
         )
 
-    def _orr_decodes(self) -> bool:
-        return bool(self.get_encoder().decode_responses)  # type: ignore[no-untyped-call]
-
     def _orr_batch(self, commands: Sequence[Command], raise_on_error: bool) -> list[Any]:
         """Cross-slot work: each node's share through its breaker, replies in order."""
         scope: RequestScope | None = self._orr_scope
@@ -206,51 +180,17 @@ class SyncClusterHandle(HandleBase, redis.cluster.RedisCluster):
                 except Exception as exc:
                     replies[i] = exc
             outcomes.append(replies)
-        return combine(
-            len(commands),
-            parts,
-            outcomes,
-            raise_on_error=raise_on_error,
-            recover=self._orr_recover(),
-            commands=commands,
-        )
-
-    def _orr_recover(self) -> Callable[[Command, Exception], Any] | None:
-        mode = self._orr_mode
-        if mode == NORMAL:
-            return None
-        core, scope, decode = self._orr_core, self._orr_scope, self._orr_decodes()
-
-        def answer(cmd: Command, exc: Exception) -> Any:
-            args, options = cmd
-            return recover(
-                mode, core.lkg, core.telemetry, command_name(args), args, options, exc, scope, decode=decode
-            )
-
-        return answer
+        return self._orr_combine(commands, parts, outcomes, raise_on_error)
 
     def mget_nonatomic(self, keys: Any, *args: Any) -> list[Any]:
-        keys = list_or_args(keys, args)
-        slots_to_keys = self._partition_keys_by_slot(keys)
-        replies = self._orr_batch([(("MGET", *ks), {}) for ks in slots_to_keys.values()], True)
-        return self._reorder_keys_by_command(keys, slots_to_keys, replies)
+        keys, slots_to_keys, commands = self._orr_mget(keys, args)
+        return self._reorder_keys_by_command(keys, slots_to_keys, self._orr_batch(commands, True))
 
     def mset_nonatomic(self, mapping: Mapping[Any, Any]) -> list[bool]:
-        slots_to_pairs = self._partition_pairs_by_slot(mapping)
-        return self._orr_batch([(("MSET", *pairs), {}) for pairs in slots_to_pairs.values()], True)
+        return self._orr_batch(self._orr_mset(mapping), True)
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
-        if transaction:
-            from .._errors import ConfigurationError
-
-            raise ConfigurationError(
-                "cluster transactions (pipeline(transaction=True)) are not routed through the "
-                "breakers yet: use the client directly, or a plain pipeline()"
-            )
-        pipe: Any = super().pipeline(transaction, shard_hint)  # type: ignore[no-untyped-call]
-        pipe.__class__ = make_class(_pipeline_classes, SyncClusterPipelineHooks, type(pipe))
-        pipe._orr_handle = self
-        return pipe
+        return self._orr_pipeline(transaction, shard_hint, SyncClusterPipelineHooks, _pipeline_classes)
 
     def close(self) -> None:
         """Does nothing: the handle does not own the client or its nodes."""

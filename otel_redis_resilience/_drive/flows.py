@@ -65,7 +65,7 @@ ProbeFlow: TypeAlias = Generator[Sleep | Ping, float | None, None]
 
 
 class Stepper:
-    """Steps a view flow: the generator protocol (send, throw, the return value), written once.
+    """Steps a flow: the generator protocol (send, throw, the return value), written once.
 
     A driver loops ``while stepper.running``, performs ``stepper.step``, and hands
     back the result with :meth:`send` or the error with :meth:`throw`; then returns
@@ -74,20 +74,24 @@ class Stepper:
 
     __slots__ = ("_flow", "running", "step", "value")
 
-    def __init__(self, flow: ViewFlow) -> None:
+    def __init__(self, flow: Generator[Any, Any, Any]) -> None:
         self._flow = flow
         self.running = True
-        self.step: ViewStep = RUN
+        self.step: Any = RUN
         self.value: Any = None
         self._resume(flow.send, None)
 
     def send(self, reply: Any) -> None:
         self._resume(self._flow.send, reply)
 
-    def throw(self, error: Exception) -> None:
+    def throw(self, error: BaseException) -> None:
         self._resume(self._flow.throw, error)
 
-    def _resume(self, how: Callable[[Any], ViewStep], arg: Any) -> None:
+    def close(self) -> None:
+        """End the flow where it stands (its ``finally`` clauses run)."""
+        self._flow.close()
+
+    def _resume(self, how: Callable[[Any], Any], arg: Any) -> None:
         try:
             self.step = how(arg)
         except StopIteration as done:

@@ -89,7 +89,10 @@ class Capture:
 class Collector:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.items: list[Item] = []
+        # Scanned as they arrive; only leaks are kept: holding every string of the session
+        # grew the heap enough for garbage collection to stall timing-sensitive tests.
+        self.scanned = 0
+        self.leaked: list[Item] = []
         self.counts: Counter[str] = Counter()
         self.captures: list[Capture] = []
         self.readers: list[Any] = []
@@ -98,7 +101,8 @@ class Collector:
     def add(self, kind: str, where: str, texts: list[str]) -> None:
         items = [Item(kind, where, t) for t in texts if t]
         with self.lock:
-            self.items.extend(items)
+            self.scanned += len(items)
+            self.leaked.extend(i for i in items if leaks(i.text))
             for c in self.captures:
                 c.items.extend(items)
 
@@ -297,7 +301,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         readers = list(COLLECTOR.readers)
     for reader in readers:
         COLLECTOR.harvest(reader)
-    found = [f"{i.kind} {i.where}: {i.text!r}" for i in COLLECTOR.items if leaks(i.text)]
+    found = [f"{i.kind} {i.where}: {i.text!r}" for i in COLLECTOR.leaked]
     session.config.stash[_found_key] = found
     if found and session.exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -313,7 +317,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     found = config.stash.get(_found_key, [])
     counts = ", ".join(f"{n} {k}" for k, n in sorted(COLLECTOR.counts.items()))
     terminalreporter.write_sep("-", "canary scan")
-    terminalreporter.write_line(f"scanned {len(COLLECTOR.items)} strings: {counts or 'nothing'}")
+    terminalreporter.write_line(f"scanned {COLLECTOR.scanned} strings: {counts or 'nothing'}")
     if found:
         terminalreporter.write_line(f"CANARY LEAKED ({len(found)}): the session fails", red=True)
         for line in found[:50]:

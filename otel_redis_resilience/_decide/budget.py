@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .window import RollingCounts
+
+if TYPE_CHECKING:
+    from .config import RetryPolicy
 
 
 class RetryBudget:
@@ -22,6 +27,15 @@ class RetryBudget:
         self._retries = RollingCounts(window)
         #: Count one operation started at ``now`` (the window's own ``add``: hot path).
         self.record_operation = self._calls.add
+
+    @classmethod
+    def of(cls, policy: RetryPolicy) -> RetryBudget:
+        """The budget a retry policy asks for."""
+        return cls(
+            ratio=policy.budget_ratio,
+            min_per_second=policy.budget_min_per_second,
+            window=policy.budget_window,
+        )
 
     def try_spend(self, now: float) -> bool:
         """Take one retry from the budget; False if it is spent."""

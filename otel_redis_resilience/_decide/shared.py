@@ -56,9 +56,7 @@ class Shared:
         #: Starts a background probe (a thread or a task): the owner's I/O.
         self.start_probe = start_probe
         self.breaker = BreakerMachine(breaker)
-        self.budget = RetryBudget(
-            ratio=retry.budget_ratio, min_per_second=retry.budget_min_per_second, window=retry.budget_window
-        )
+        self.budget = RetryBudget.of(retry)
         self.random = random.Random()
         #: One attempt's bound before deadlines: ``retry.attempt_timeout``, or, when the
         #: policy says None, the client's own socket_timeout (set by the owner).

@@ -112,9 +112,7 @@ class ClusterState:
         #: Installs the connection hooks on a node (its pool or its connection class).
         self._hook_node = hook_node
         self.lock = threading.Lock()
-        self.budget = RetryBudget(
-            ratio=retry.budget_ratio, min_per_second=retry.budget_min_per_second, window=retry.budget_window
-        )
+        self.budget = RetryBudget.of(retry)
         self.registry: NodeRegistry[Core] = NodeRegistry(self._make_core, self.lock)
         self.gate = RefreshGate(self.lock)
         #: The client's socket_timeout, which bounds an attempt without attempt_timeout.
